@@ -1,0 +1,72 @@
+"""The `mmjax` command.
+
+    mmjax train --config experiments/vit_digits.py --workdir runs/vit_digits [--config.KEY=VALUE ...]
+    mmjax bench [--out bench.json] [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            body = a[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"error: {a} needs a value")
+                body, i = f"{body}={argv[i + 1]}", i + 1
+            overrides.append(body)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="mmjax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train an experiment config")
+    tr.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
+    tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
+    bench = sub.add_parser("bench", help="ViT train-step benchmark (prints figures, writes JSON)")
+    bench.add_argument("--out", default="bench_vit.json")
+    bench.add_argument("--variants", default="S/16,B/16")
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--steps", type=int, default=3)
+
+    rest, overrides = _split_overrides(argv)
+    args = parser.parse_args(rest)
+    if args.command == "train":
+        from mmjax.config import ConfigError, apply_overrides
+        from mmjax.experiment import load_experiment
+        from mmjax.train.loop import train
+        try:
+            cfg = apply_overrides(load_experiment(args.config), overrides)
+            results = train(cfg, args.workdir)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(results["eval"], indent=2))
+        return 0
+    if overrides:
+        parser.error(f"--config.* overrides only apply to `train`: {overrides}")
+    if args.command == "bench":
+        from mmjax.bench import run_vit_bench
+        run_vit_bench(variants=args.variants.split(","), image_size=args.image_size,
+                      batch_size=args.batch_size, steps=args.steps, out=args.out)
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Losses, each a pure function of model outputs and a batch."""

@@ -1,0 +1,22 @@
+"""Tasks: a task is (model, loss, evals) over a data config. The trainer knows nothing else.
+
+A task class is registered here under the name an experiment config's `task` field uses.
+"""
+
+from __future__ import annotations
+
+from mmjax.tasks.base import Task
+from mmjax.tasks.classification import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+}
+
+
+def get_task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "ClassificationTask", "get_task_class"]

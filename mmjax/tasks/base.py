@@ -1,0 +1,65 @@
+"""The interface every task implements for the trainer."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Task(abc.ABC):
+    """A model, its loss and its evaluation, for one kind of batch.
+
+    `model_config_cls` and `loss_config_cls` are the config types of `ExperimentConfig.model` and
+    `ExperimentConfig.loss` for this task (used to read a saved config.json back strictly).
+    """
+
+    model_config_cls: type
+    loss_config_cls: type
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of one batch (for init, sharding and validation)."""
+
+    @abc.abstractmethod
+    def init_params(self, rng: jax.Array) -> Any:
+        """Params with `nn.LogicallyPartitioned` boxes (sharding names), as `model.init` returns."""
+
+    def init_extra(self, params) -> Any:
+        return {}
+
+    @abc.abstractmethod
+    def loss_fn(self, params, extra, batch: dict, rng: jax.Array):
+        """→ (scalar loss, (metrics dict, new extra)). A mean over the global batch."""
+
+    @abc.abstractmethod
+    def eval_fn(self, params, extra, batch: dict) -> dict[str, jax.Array]:
+        """Sums over the valid examples of one padded eval batch; must include "count"."""
+
+    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        return sums
+
+    @abc.abstractmethod
+    def train_flops_per_example(self) -> float:
+        """FLOPs of forward + backward for one example (3 × forward; formula in the model file)."""
+
+    def check_batch(self, batch: dict[str, np.ndarray], step: int) -> None:
+        """Host-side checks of a batch before it reaches the device; raise naming key and step."""
+        expected = self.example_batch(1)
+        for key, spec in expected.items():
+            if key not in batch:
+                raise ValueError(f"batch for step {step} has no {key!r} (keys: {sorted(batch)})")
+            x = batch[key]
+            if x.ndim != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]):
+                raise ValueError(f"batch for step {step}: {key!r} has shape {x.shape}, expected "
+                                 f"[B, {', '.join(map(str, spec.shape[1:]))}]")
+            if np.dtype(x.dtype) != np.dtype(spec.dtype):
+                raise TypeError(f"batch for step {step}: {key!r} has dtype {x.dtype}, expected {spec.dtype}")
+            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+                bad = np.unique(np.nonzero(~np.isfinite(x))[0])[:8].tolist()
+                raise ValueError(f"batch for step {step}: {key!r} contains NaN/Inf (examples {bad})")

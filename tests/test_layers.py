@@ -1,0 +1,144 @@
+"""Layers against equations and hand computations (numpy references, not our own outputs)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from mmjax.layers import (Attention, Mlp, Norm, Transformer, TransformerConfig, apply_rope,
+                          make_attention_mask, patchify, resize_posemb, sincos_2d)
+
+
+def _np_attention(q, k, v, mask):
+    """Plain softmax attention in numpy. q [B,Q,H,D], k/v [B,K,Hkv,D], mask [B,1,Q,K]."""
+    h, hkv = q.shape[2], k.shape[2]
+    k, v = np.repeat(k, h // hkv, axis=2), np.repeat(v, h // hkv, axis=2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(mask, logits, -1e30)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def test_mask_helper_cases():
+    full = make_attention_mask(3)
+    assert full.shape == (1, 1, 3, 3) and full.all()
+    causal = make_attention_mask(3, causal=True)[0, 0]
+    np.testing.assert_array_equal(causal, np.tril(np.ones((3, 3), bool)))
+    prefix = make_attention_mask(4, causal=True, prefix_len=jnp.array([2, 0]))
+    np.testing.assert_array_equal(prefix[0, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(prefix[1, 0], np.tril(np.ones((4, 4), bool)))
+    pad = make_attention_mask(3, causal=True, kv_valid=jnp.array([[True, True, False]]))[0, 0]
+    np.testing.assert_array_equal(pad, [[1, 0, 0], [1, 1, 0], [1, 1, 0]])
+    step = make_attention_mask(1, 5, causal=True, q_offset=jnp.array([2, 4]))  # a KV-cache step
+    np.testing.assert_array_equal(step[:, 0, 0], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="prefix_len"):
+        make_attention_mask(3, prefix_len=1)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_attention_matches_numpy(heads, kv_heads):
+    b, n, d = 2, 5, 32
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, n, d))
+    mask = make_attention_mask(n, causal=True, kv_valid=jnp.array([[1, 1, 1, 1, 0], [1] * 5], bool))
+    attn = Attention(num_heads=heads, num_kv_heads=kv_heads)
+    params = nn.meta.unbox(attn.init(jax.random.PRNGKey(1), x, mask=mask))["params"]
+    out = attn.apply({"params": params}, x, mask=mask)
+    p = jax.tree.map(np.asarray, params)
+    xn = np.asarray(x)
+    q = np.einsum("bnd,dhk->bnhk", xn, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("bnd,dhk->bnhk", xn, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("bnd,dhk->bnhk", xn, p["value"]["kernel"]) + p["value"]["bias"]
+    ref = np.einsum("bnhk,hkd->bnd", _np_attention(q, k, v, np.asarray(mask)), p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert p["key"]["kernel"].shape == (d, kv_heads, d // heads)
+
+
+def test_norms_match_equations():
+    x = np.random.RandomState(0).randn(3, 7).astype(np.float32) * 3 + 1
+    ln = Norm("layernorm", eps=1e-5)
+    v = ln.init(jax.random.PRNGKey(0), x)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(ln.apply(v, x), ref, atol=1e-5)
+    rms = Norm("rmsnorm", eps=1e-6)
+    v = rms.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(rms.apply(v, x), x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6), atol=1e-5)
+    assert "bias" not in nn.meta.unbox(v)["params"]
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu", "swiglu"])
+def test_mlp_activations(act):
+    x = np.random.RandomState(1).randn(2, 3, 8).astype(np.float32)
+    mlp = Mlp(16, act)
+    p = jax.tree.map(np.asarray, nn.meta.unbox(mlp.init(jax.random.PRNGKey(0), x))["params"])
+    h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    f = {"gelu": lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2))),
+         "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))),
+         "quick_gelu": lambda z: z / (1 + np.exp(-1.702 * z))}
+    if act == "swiglu":
+        g = x @ p["gate"]["kernel"] + p["gate"]["bias"]
+        h = g / (1 + np.exp(-g)) * h
+    else:
+        h = f[act](h)
+    ref = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    np.testing.assert_allclose(mlp.apply({"params": p}, x), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown activation 'gelu2'"):
+        Mlp(16, "gelu2").init(jax.random.PRNGKey(0), x)
+
+
+def test_patchify_counts_and_order():
+    img = np.arange(2 * 8 * 12 * 3, dtype=np.float32).reshape(2, 8, 12, 3)
+    p = patchify(img, 4)
+    assert p.shape == (2, 8 * 12 // 16, 4, 4, 3)  # N = HW / P²
+    np.testing.assert_array_equal(p[1, 4], img[1, 4:8, 4:8])  # row 1, column 1 of a 2×3 grid
+    with pytest.raises(ValueError, match="not divisible by the patch size 5"):
+        patchify(img, 5)
+
+
+def test_sincos2d_and_resize():
+    t = sincos_2d(2, 3, 8)
+    assert t.shape == (6, 8)
+    # token (y=1, x=2): first quarter is sin(x·ω) with ω_0 = 1
+    np.testing.assert_allclose(t[5, 0], np.sin(2.0), rtol=1e-6)
+    np.testing.assert_allclose(t[5, 4], np.sin(1.0), rtol=1e-6)
+    table = np.random.RandomState(0).randn(1, 1 + 16, 4).astype(np.float32)
+    r = resize_posemb(table, (8, 8), num_prefix_tokens=1)
+    assert r.shape == (1, 65, 4)
+    np.testing.assert_array_equal(r[:, 0], table[:, 0])
+    same = resize_posemb(table, (4, 4), num_prefix_tokens=1)
+    np.testing.assert_allclose(same, table, atol=1e-6)
+
+
+def test_rope_rotate_half():
+    x = np.random.RandomState(0).randn(1, 3, 2, 4).astype(np.float32)
+    pos = np.array([[0, 1, 5]])
+    out = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), base=100.0))
+    inv = 1.0 / 100.0 ** (np.arange(0, 4, 2) / 4)
+    ang = pos[..., None] * inv
+    cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+    rot = np.concatenate([-x[..., 2:], x[..., :2]], -1)
+    ref = x * np.concatenate([cos, cos], -1) + rot * np.concatenate([sin, sin], -1)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(out[:, 0], x[:, 0], atol=1e-6)  # position 0 is unrotated
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scan_equals_unscanned(remat):
+    from mmjax.layers import stack_block_params
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+    base = TransformerConfig(width=32, depth=3, num_heads=4, mlp_dim=64)
+    plain = Transformer(base)
+    p = nn.meta.unbox(plain.init(jax.random.PRNGKey(1), x))["params"]
+    import dataclasses
+    scanned = Transformer(dataclasses.replace(base, scan_layers=True, remat=remat))
+    ps = stack_block_params(jax.tree.map(np.asarray, p), 3)
+    y1, a1 = plain.apply({"params": p}, x, return_blocks=True)
+    y2, a2 = scanned.apply({"params": ps}, x, return_blocks=True)
+    np.testing.assert_allclose(y1, y2, atol=1e-5)
+    np.testing.assert_allclose(a1["blocks"], a2["blocks"], atol=1e-5)
+    g1 = jax.grad(lambda p: plain.apply({"params": p}, x)[0].sum())(p)
+    g2 = jax.grad(lambda p: scanned.apply({"params": p}, x)[0].sum())(ps)
+    np.testing.assert_allclose(g1["block_2"]["mlp"]["fc1"]["kernel"],
+                               g2["blocks"]["block"]["mlp"]["fc1"]["kernel"][2], atol=1e-4)
