@@ -28,7 +28,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
