@@ -1,0 +1,87 @@
+"""What a checkpoint family provides to the converter, and the options every family accepts.
+
+A family (HF ViT, later HF CLIP, SigLIP, Llama, LLaVA, ...) knows two things only:
+  * how its config.json becomes our typed model config (and back), and
+  * its list of `Rule`s (mmjax.convert.rules).
+Reading files, applying rules, the key diff and the scanned layout are shared (mmjax.convert.core).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Collection, Literal
+
+import flax.linen as nn
+import jax
+
+from mmjax.config import config
+from mmjax.convert.rules import DEFAULT_IGNORE, ConversionError, Rule
+from mmjax.layers.transformer import RematPolicy
+
+
+@config
+class LoadOptions:
+    """Options of `load_pretrained` that change how the model runs, never what it computes."""
+
+    scan_layers: bool = False  # stack the blocks for nn.scan (params get a leading [depth] axis)
+    remat: RematPolicy = "none"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # the loaded params are cast to this
+    attention_impl: Literal["xla", "cudnn"] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportPlan:
+    """How to build our model from one checkpoint.
+
+    model: the module to return (LoadOptions applied).
+    rules: checkpoint key → our param path (unscanned layout).
+    example_inputs: ShapeDtypeStructs passed to `model.init` under `jax.eval_shape` to get the
+      param tree the model expects.
+    description: words for error messages, e.g. "HF ViTForImageClassification".
+    ignore: regexes of checkpoint keys that are buffers, not weights.
+    """
+
+    model: nn.Module
+    rules: tuple[Rule, ...]
+    example_inputs: tuple[jax.ShapeDtypeStruct, ...]
+    description: str
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """How to write our model in the family's layout: its config.json dict and the rules;
+    example_inputs as in ImportPlan (to check the params against the model's expected tree)."""
+
+    config: dict[str, Any]
+    rules: tuple[Rule, ...]
+    example_inputs: tuple[jax.ShapeDtypeStruct, ...]
+    description: str
+
+
+class Family:
+    """Base class of a checkpoint family. Subclasses set the class attributes and the two plans."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()  # config.json "model_type" values this family reads
+    architectures: tuple[str, ...] = ()  # config.json "architectures" entries it supports
+    model_class: type[nn.Module] | None = None  # our module it exports from
+
+    def plan_import(self, hf_config: dict, keys: Collection[str], options: LoadOptions) -> ImportPlan:
+        raise NotImplementedError
+
+    def plan_export(self, model: nn.Module, params: dict) -> ExportPlan:
+        """params: our unscanned, flat {path: np.ndarray} (some layouts depend on values, e.g.
+        whether all q/k/v biases are zero)."""
+        raise NotImplementedError
+
+    def pick_architecture(self, hf_config: dict, default: str) -> str:
+        """The one supported entry of config.json's "architectures" (or `default` when absent)."""
+        found = hf_config.get("architectures") or []
+        ours = [a for a in found if a in self.architectures]
+        if found and not ours:
+            raise ConversionError(
+                f"config.json architectures {found} (model_type {hf_config.get('model_type')!r}) are not "
+                f"supported by the {self.name!r} converter; supported: {', '.join(self.architectures)}")
+        return ours[0] if ours else default
