@@ -25,6 +25,6 @@ def get_config() -> ExperimentConfig:
         data=DataConfig(name="digits", value_range="unit", random_shift=1),
         optim=OptimConfig(name="adamw", peak_lr=2e-3, warmup_steps=100, schedule="cosine",
                           weight_decay=0.05, grad_clip_norm=1.0),
-        train=TrainConfig(steps=1500, batch_size=128, eval_batch_size=360, log_every=100,
-                          eval_every=500, checkpoint_every=500, keep_checkpoints=2),
+        train=TrainConfig(steps=1000, batch_size=128, eval_batch_size=360, log_every=100,
+                          eval_every=250, checkpoint_every=250, keep_checkpoints=2),
     )

@@ -3,4 +3,4 @@
 from mmjax.convert import load_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["load_pretrained", "__version__"]
+__all__ = ["__version__", "load_pretrained"]

@@ -91,4 +91,4 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-__all__ = ["ExperimentConfig", "TrainConfig", "load_experiment", "from_json", "to_dict", "validate"]
+__all__ = ["ExperimentConfig", "TrainConfig", "from_json", "load_experiment", "to_dict", "validate"]

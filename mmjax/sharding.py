@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmjax.config import config
 
@@ -99,8 +101,9 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     addr = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr is None:
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives across processes go through gloo. Set unconditionally: asking for the backend
+    # here would initialise it before jax.distributed, and the flag is ignored on GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     num = cfg.num_processes if cfg.num_processes is not None else int(os.environ["JAX_NUM_PROCESSES"])
     pid = cfg.process_id if cfg.process_id is not None else int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(addr, num_processes=num, process_id=pid)

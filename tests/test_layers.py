@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from mmjax.layers import (Attention, Mlp, Norm, Transformer, TransformerConfig, apply_rope,
-                          make_attention_mask, patchify, resize_posemb, sincos_2d)
+from mmjax.layers import (
+    Attention,
+    Mlp,
+    Norm,
+    Transformer,
+    TransformerConfig,
+    apply_rope,
+    make_attention_mask,
+    patchify,
+    resize_posemb,
+    sincos_2d,
+)
 
 
 def _np_attention(q, k, v, mask):

@@ -8,8 +8,15 @@ Modules: `core` (front door, family registry), `rules` (the rule engine and its 
 (HF directories, safetensors only), `hf_vit` (HF ViT ↔ our ViT).
 """
 
-from mmjax.convert.core import (FAMILIES, export_hf, find_family, from_hf, load_pretrained, save_pretrained,
-                                to_hf)
+from mmjax.convert.core import (
+                                FAMILIES,
+                                export_hf,
+                                find_family,
+                                from_hf,
+                                load_pretrained,
+                                save_pretrained,
+                                to_hf,
+)
 from mmjax.convert.family import LoadOptions
 from mmjax.convert.rules import ConversionError, KeyDiffError, Rule
 

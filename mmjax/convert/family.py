@@ -9,7 +9,8 @@ Reading files, applying rules, the key diff and the scanned layout are shared (m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Literal
+from collections.abc import Collection
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax

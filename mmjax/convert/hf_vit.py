@@ -30,7 +30,7 @@ names, so import accepts both and export writes the on-disk names every version 
 from __future__ import annotations
 
 import re
-from typing import Collection
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +160,7 @@ class HFViT(Family):
     def plan_import(self, hf: dict, keys: Collection[str], options: LoadOptions) -> ImportPlan:
         arch = self.pick_architecture(
             hf, default="ViTForImageClassification" if "classifier.weight" in keys else "ViTModel")
-        get = lambda k: hf[k] if hf.get(k) is not None else HF_DEFAULTS[k]  # noqa: E731
+        get = lambda k: hf[k] if hf.get(k) is not None else HF_DEFAULTS[k]
         width, heads = int(get("hidden_size")), int(get("num_attention_heads"))
         if width % heads:
             raise ConversionError(f"config.json hidden_size={width} is not divisible by "

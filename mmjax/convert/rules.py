@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -169,7 +169,7 @@ def _placeholders(template: str) -> set[str]:
     return set(re.findall(r"\{(\w+)\}", template))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template_regex(template: str) -> re.Pattern:
     """'a.{i}.b' → ^a\\.(?P<i>\\d+)\\.b$ (placeholders match layer indices)."""
     parts = re.split(r"(\{\w+\})", template)

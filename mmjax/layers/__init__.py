@@ -7,8 +7,13 @@ from mmjax.layers.mlp import Mlp, get_activation, quick_gelu
 from mmjax.layers.norms import Norm
 from mmjax.layers.patch import PatchEmbed, patchify
 from mmjax.layers.posemb import LearnedPosEmb, apply_rope, resize_posemb, sincos_2d
-from mmjax.layers.transformer import (Block, Transformer, TransformerConfig, stack_block_params,
-                                      unstack_block_params)
+from mmjax.layers.transformer import (
+                                      Block,
+                                      Transformer,
+                                      TransformerConfig,
+                                      stack_block_params,
+                                      unstack_block_params,
+)
 
 __all__ = [
     "Attention", "Block", "DenseGeneral", "LearnedPosEmb", "Mlp", "Norm", "PatchEmbed", "Transformer",

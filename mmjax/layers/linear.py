@@ -7,7 +7,8 @@ mesh axes. Model code never mentions a mesh.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

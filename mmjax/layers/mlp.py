@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -51,7 +52,7 @@ class Mlp(nn.Module):
             raise ValueError(f"unknown activation {self.activation!r}; known: "
                              f"{sorted(ACTIVATIONS) + sorted(GATED)}")
         d = x.shape[-1]
-        dense = lambda f, axes, name: DenseGeneral(  # noqa: E731
+        dense = lambda f, axes, name: DenseGeneral(
             f, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         h = dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x)
         if self.activation in GATED:

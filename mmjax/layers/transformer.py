@@ -68,7 +68,7 @@ class Block(nn.Module):
     def __call__(self, x, mask=None, positions=None, deterministic=True):
         c = self.cfg
         dt, pdt = to_dtype(c.dtype), to_dtype(c.param_dtype)
-        norm = lambda name: Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, name=name)  # noqa: E731
+        norm = lambda name: Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, name=name)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         y = Attention(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                       use_bias=c.use_bias, implementation=c.attention_impl, rope_base=c.rope_base,

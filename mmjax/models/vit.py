@@ -16,7 +16,6 @@ import re
 from typing import Literal
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmjax.config import config

@@ -19,4 +19,4 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Task", "ClassificationTask", "get_task_class"]
+__all__ = ["TASKS", "ClassificationTask", "Task", "get_task_class"]

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.config import config
 from mmjax.models.vit import ViT, ViTConfig, vit_forward_flops
 from mmjax.objectives.classification import softmax_xent
-from mmjax.config import config
 from mmjax.tasks.base import Task
 
 

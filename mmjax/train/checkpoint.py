@@ -147,4 +147,4 @@ def abstract_like(tree, shardings) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-__all__ = ["Checkpointer", "CheckpointError", "abstract_like", "fingerprint"]
+__all__ = ["CheckpointError", "Checkpointer", "abstract_like", "fingerprint"]

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmjax import sharding as shd
 from mmjax.config import ConfigError, diff, to_dict
@@ -76,6 +77,14 @@ def check_workdir_config(workdir: Path, cfg_dict: dict) -> None:
                           "Use a new --workdir, or run with the saved config to resume.")
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drops metric lines logged after the restored step (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def _is_due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
@@ -114,6 +123,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data×fsdp mesh size "
                           f"{mesh.shape['data'] * mesh.shape['fsdp']} and {n_proc} processes")
 
+    # Measured before the mesh context: the probe runs on one device.
+    peak = t.peak_flops_per_device or measure_matmul_peak()
     with jax.set_mesh(mesh), shd.logical_rules(cfg.mesh.rules):
         boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
         tx, schedule = make_optimizer(cfg.optim, t.steps, nn.meta.unbox(boxed))
@@ -127,6 +138,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         else:
             start, state = restored
             print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+            if is_main:
+                _truncate_metrics(workdir / "metrics.jsonl", start)
 
         example = task.example_batch(t.batch_size)
         batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in example.items()}
@@ -135,7 +148,6 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
 
         writer = MetricWriter(workdir)
         flops = task.train_flops_per_example()
-        peak = t.peak_flops_per_device or measure_matmul_peak()
         # Simulated CPU devices share the host's cores: the measured peak is per host.
         n_dev = n_proc if jax.default_backend() == "cpu" else jax.device_count()
         bar = None
@@ -171,7 +183,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                                     f"Last checkpoint: {done[-1] if done else 'none'} in {ckpt.directory}")
                     elapsed = time.perf_counter() - tick
                     eps = (s - tick_step) * t.batch_size / max(elapsed, 1e-9)
+                    # Means over the interval, except the learning rate: its value at the last step.
                     last_train = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+                    if "lr" in last_train:
+                        last_train["lr"] = float(host[-1][1]["lr"])
                     last_train["examples_per_sec"] = eps
                     last_train["mfu"] = mfu(flops, eps, peak, n_dev)
                     writer.write(s, last_train, prefix="train/")
@@ -204,4 +219,4 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     return results
 
 
-__all__ = ["train", "evaluate", "create_sharded_state", "NonFiniteError"]
+__all__ = ["NonFiniteError", "create_sharded_state", "evaluate", "train"]

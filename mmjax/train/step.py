@@ -9,7 +9,8 @@ task's loss is a mean over the global batch), so every process sees the same num
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,203 @@
+"""grain pipelines over TFDS ArrayRecord data: an infinite training stream and padded eval batches.
+
+How the training stream is laid out (per process p of P, global batch G, local batch b = G / P):
+
+    global stream   x_0 x_1 x_2 ...      = epoch 0 permuted, epoch 1 permuted (new order), ...
+    process p reads x_p, x_{p+P}, x_{p+2P}, ...
+    local batch s   = x_{sG + p + kP} for k < b   ->  the P local batches of step s together are
+                                                      exactly x_{sG} .. x_{sG+G-1}
+
+so every process holds a disjoint slice of every epoch, and the global batch of a step does not
+depend on how many processes read it (only which process holds which example does). Augmentation
+randomness is drawn from (seed, stream position), so it does not depend on P either.
+
+    it = train_iterator(cfg, global_batch_size=128, seed=0)
+    batch = next(it)          # {"image": f32 [b, H, W, C], "label": i32 [b], "id": i32 [b]}
+    state = it.get_state()    # JSON-able; it.set_state(state) on a fresh iterator resumes exactly
+
+    for batch in eval_batches(cfg, global_batch_size=128):   # + "mask": bool [b]
+        ...
+
+Reading never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from mmjax.data import registry, transforms
+from mmjax.data.config import DataConfig
+
+
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(index, count) of this process; both default to JAX's multi-host view."""
+    if (process_index is None) != (process_count is None):
+        raise ValueError("pass both process_index and process_count, or neither (then JAX's "
+                         f"are used); got process_index={process_index}, process_count={process_count}")
+    if process_index is None:
+        return jax.process_index(), jax.process_count()
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got process_index="
+                         f"{process_index}, process_count={process_count}")
+    return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}: every process reads an equal share")
+    return global_batch_size // process_count
+
+
+def _check_config(cfg: DataConfig) -> None:
+    if cfg.value_range not in transforms.VALUE_RANGES:
+        raise ValueError(f"DataConfig.value_range must be one of {transforms.VALUE_RANGES}, "
+                         f"got {cfg.value_range!r}")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise ValueError(f"DataConfig.image_size must be positive or None, got {cfg.image_size}")
+    for field in ("random_shift", "worker_count", "read_threads", "prefetch_buffer"):
+        if getattr(cfg, field) < 0:
+            raise ValueError(f"DataConfig.{field} must be >= 0, got {getattr(cfg, field)}")
+
+
+def _pipeline_seed(seed: int, shuffle_seed: int) -> int:
+    """One 32-bit seed from the run seed and DataConfig.shuffle_seed (grain wants [0, 2**32))."""
+    entropy = [seed % 2**64, shuffle_seed % 2**64]  # SeedSequence takes non-negative ints only.
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
+
+
+def _allow_unparsed_absl_flags() -> None:
+    """Lets grain start worker processes outside `absl.app.run` (scripts, notebooks, pytest).
+
+    grain 0.2.18 reads the absl flag --grain_enable_multiprocess_worker_profiling when it starts
+    workers, and absl refuses to read any flag before the command line was parsed
+    (UnparsedFlagAccessError). Marking the flags parsed keeps every flag at its default; a later
+    `app.run` still parses the real command line.
+    """
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _to_iter(cfg: DataConfig, ds: grain.MapDataset) -> grain.IterDataset:
+    """Threads (and optional worker processes) that run the map stages ahead of the consumer."""
+    # Elements here are whole batches, so prefetch_buffer counts batches.
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
+    it_ds = ds.to_iter_dataset(read)
+    if cfg.worker_count > 0:
+        _allow_unparsed_absl_flags()
+        # Workers take batches round-robin, so the output order matches worker_count=0.
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.worker_count, per_worker_buffer_size=max(cfg.prefetch_buffer, 1)))
+    return it_ds
+
+
+def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
+                   process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+    """Infinite iterator of this process's training batches (see the module docstring).
+
+    Args:
+      cfg: dataset name, split, preprocessing and augmentation.
+      global_batch_size: G, examples per step summed over processes; a multiple of process_count.
+      seed: run seed; with cfg.shuffle_seed it fixes the epoch orders and augmentations.
+      process_index, process_count: this process's slot; default `jax.process_index()` and
+        `jax.process_count()`. Pass both to simulate hosts.
+
+    Returns:
+      A grain `DatasetIterator`; each `next()` is a dict of numpy arrays with b = G / process_count:
+        image  float32 [b, H, W, C] in cfg.value_range (H = W = cfg.image_size when set)
+        label  int32 [b]
+        id     int32 [b]  (only for datasets with an `id` feature, e.g. digits)
+      `get_state()` / `set_state()` save and restore the position exactly; see
+      `iterator_checkpoint_args` for orbax.
+    """
+    _check_config(cfg)
+    process_index, process_count = _process_slot(process_index, process_count)
+    local_batch = _local_batch_size(global_batch_size, process_count)
+    source = registry.open_split(cfg.name, cfg.train_split, cfg.data_dir)
+
+    ds = grain.MapDataset.source(source).seed(_pipeline_seed(seed, cfg.shuffle_seed))
+    ds = ds.shuffle().repeat()  # repeat() re-seeds the shuffle per epoch: a new order each epoch.
+    ds = ds.map(transforms.DecodeImage(cfg.image_size))
+    # Before the per-process slice, so the rng index is the global stream position.
+    ds = ds.random_map(transforms.Augment(shift=cfg.random_shift, flip=cfg.random_flip))
+    ds = ds.map(transforms.ToValueRange(cfg.value_range))
+    ds = ds[process_index::process_count]
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return iter(_to_iter(cfg, ds))
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    """Batches each process yields in `eval_batches`: ceil(N / G)."""
+    return math.ceil(num_examples / global_batch_size)
+
+
+def eval_batches(cfg: DataConfig, *, split: str | None = None, global_batch_size: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+    """This process's share of one pass over an eval split, padded to full static-shape batches.
+
+    The split's N examples, in file order, followed by ceil(N / G) * G - N all-zero padding
+    examples, are dealt out like the training stream (process p takes positions p, p + P, ...).
+    So every process yields ceil(N / G) batches of b = G / P, and over all processes each real
+    example appears exactly once. No augmentation.
+
+    Args:
+      cfg: dataset and preprocessing; `split` defaults to cfg.eval_split.
+      global_batch_size: G, a multiple of process_count; need not divide N.
+      process_index, process_count: as in `train_iterator`.
+
+    Returns:
+      A re-iterable grain `IterDataset` (each `iter()` is a fresh pass) of dicts:
+        image float32 [b, H, W, C], label int32 [b], id int32 [b] (if the dataset has ids),
+        mask bool [b]: True for real examples, False for padding (whose other fields are 0).
+      Weight per-example metrics by `mask`.
+    """
+    _check_config(cfg)
+    process_index, process_count = _process_slot(process_index, process_count)
+    local_batch = _local_batch_size(global_batch_size, process_count)
+    split = cfg.eval_split if split is None else split
+    source = registry.open_split(cfg.name, split, cfg.data_dir)
+    num_examples = len(source)
+    if num_examples == 0:
+        raise ValueError(f"split '{split}' of dataset '{cfg.name}' is empty")
+
+    examples = (grain.MapDataset.source(source)
+                .map(transforms.DecodeImage(cfg.image_size))
+                .map(transforms.ToValueRange(cfg.value_range))
+                .map(transforms.AddMask(True)))
+    num_padding = num_eval_batches(num_examples, global_batch_size) * global_batch_size - num_examples
+    if num_padding:
+        template: dict[str, Any] = examples[0]
+        padding = grain.MapDataset.range(num_padding).map(transforms.ZerosLike(template))
+        examples = grain.MapDataset.concatenate([examples, padding])
+    ds = examples[process_index::process_count].batch(local_batch, drop_remainder=True)
+    return _to_iter(cfg, ds)
+
+
+def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
+    """The orbax args that save (or restore in place) a grain iterator's position.
+
+    Put them next to the model state in one composite checkpoint:
+
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=iterator_checkpoint_args(it)))
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=iterator_checkpoint_args(it, restore=True)))   # sets `it`'s state in place
+
+    `it` must be built with the same config (worker_count included: the state's format depends on
+    it), seed and process slot as the saved one. grain's
+    handler writes one JSON file per JAX process (process_{i}-of-{n}.json) and gets the state
+    synchronously inside `save`, so advancing the iterator while orbax finishes writing the
+    arrays in the background is safe.
+    """
+    if restore:
+        return grain.checkpoint.CheckpointRestore(iterator)
+    return grain.checkpoint.CheckpointSave(iterator)
