@@ -109,3 +109,20 @@ def test_sigkill_resume_is_bitwise(digits_dir, tmp_path, read_params):
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in x]
     assert steps == sorted(set(steps)) == list(range(25, 151, 25))
+
+
+def test_resume_onto_a_different_mesh(digits_dir, tmp_path, read_params, capsys):
+    """Checkpoint on a (8,1,1) mesh, resume on (1,4,2): the same result as never stopping."""
+    import shutil
+    args = ("train.steps=10", "train.checkpoint_every=5", "train.log_every=5", "optim.name=sgd",
+            "optim.peak_lr=0.1")
+    ref = train(_cfg(digits_dir, *args, "mesh.shape=(8,1,1)"), tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "10")
+    capsys.readouterr()
+    res = train(_cfg(digits_dir, *args, "mesh.shape=(1,4,2)"), tmp_path / "b")
+    assert "resumed from step 5" in capsys.readouterr().out
+    assert res["eval"]["accuracy"] == pytest.approx(ref["eval"]["accuracy"], abs=1 / 360)
+    assert res["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-4)
+    for x, y in zip(read_params(tmp_path / "a", 10), read_params(tmp_path / "b", 10)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

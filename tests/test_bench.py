@@ -1,0 +1,69 @@
+"""Smoke test of the ViT benchmark (no timing assertions) and the ViT FLOPs formula against XLA."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mmjax import bench
+from mmjax.models.vit import ViT, vit_config, vit_forward_flops
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_smoke_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    # Through the module's argparse entry point and the default path: each case in its own process.
+    rc = bench.main(["--variants", "mu/4", "--image-size", "16", "--batch-size", "2", "--steps", "1",
+                     "--scan-modes", "off", "--peak-matmul-n", "256", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mu/4" in printed and "MFU" in printed and f"wrote {out}" in printed
+
+    res = json.loads(out.read_text())
+    assert res["settings"] == {"variants": ["mu/4"], "image_size": 16, "batch_size": 2, "steps": 1,
+                               "scan_modes": [False], "isolate": True, "dtype": "float32"}
+    m = res["machine"]
+    assert m["jax_version"] == jax.__version__ and m["backend"] == jax.default_backend()
+    assert m["device_kind"] and _positive_finite(m["cpu_count"])
+    assert _positive_finite(res["peak"]["flops_per_s"]) and _positive_finite(res["peak"]["flops_per_s_end"])
+    assert "non_finite" not in res
+
+    (case,) = res["cases"]
+    assert case["variant"] == "mu/4" and case["scan_layers"] is False and case["isolated_process"] is True
+    assert case["dtype"] == "float32" and case["param_dtype"] == "float32"
+    assert len(case["step_times_s"]) == 1 and case["step_s"] == case["step_times_s"][0]
+    for key in ("num_params", "init_s", "lower_s", "compile_only_s", "compile_s", "step_s", "images_per_s",
+                "flops_formula", "flops_xla", "xla_over_formula", "achieved_flops_per_s", "peak_flops_per_s",
+                "mfu", "xla_temp_bytes", "xla_argument_bytes", "xla_output_bytes", "xla_bytes",
+                "xla_bytes_no_alias", "rss_at_start_bytes", "max_rss_bytes", "warmup_loss", "last_loss"):
+        assert _positive_finite(case[key]), (key, case[key])
+    assert math.isclose(case["compile_s"], case["lower_s"] + case["compile_only_s"], rel_tol=1e-9)
+    assert math.isclose(case["images_per_s"], 2 / case["step_s"], rel_tol=1e-9)
+    cfg = vit_config("mu/4", image_size=16, num_classes=1000)
+    assert case["flops_formula"] == 3 * vit_forward_flops(cfg) * 2
+    assert case["xla_bytes"] == case["xla_temp_bytes"] + case["xla_argument_bytes"] + case["xla_output_bytes"]
+    assert case["max_rss_bytes"] >= case["rss_at_start_bytes"]  # a high-water mark, same process
+    assert case["peak_flops_per_s"] == res["peak"]["flops_per_s"]
+
+
+def test_vit_flops_formula_matches_xla_forward():
+    """Wide enough that matmuls dominate (norms, GELU and softmax are a few % of the FLOPs), and
+    unscanned: XLA's cost analysis counts a while loop's body only once."""
+    cfg = vit_config("mu/4", image_size=16, num_classes=10,
+                     encoder=dict(width=256, depth=2, mlp_dim=1024, num_heads=4, scan_layers=False))
+    model = ViT(cfg)
+    batch = 2
+    images = jnp.zeros((batch, 16, 16, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    compiled = jax.jit(lambda p, x: model.apply(p, x)[0]).lower(params, images).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla = float(cost["flops"])
+    ours = batch * vit_forward_flops(cfg)
+    assert abs(ours - xla) / xla < 0.15, (ours, xla)
