@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,17 +58,29 @@ def test_nan_guard_names_step_and_metric(digits_dir, tmp_path):
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # nothing non-finite was saved
 
 
-def test_corrupt_checkpoint_falls_back_to_previous_step(digits_dir, tmp_path, read_params):
+def _damage(step_dir: Path, how: str) -> None:
+    """Overwrites 16 bytes in the middle of, or truncates to half, every data file of the state."""
+    files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files
+    for f in files:
+        data = bytearray(f.read_bytes())
+        if how == "overwrite":
+            data[len(data) // 2: len(data) // 2 + 16] = bytes(16)
+        else:
+            data = data[: len(data) // 2]
+        f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["overwrite", "truncate"])
+def test_corrupt_checkpoint_falls_back_to_previous_step(digits_dir, tmp_path, read_params, how, capsys):
     args = ("train.steps=20", "train.checkpoint_every=10", "train.log_every=10")
     first = train(_cfg(digits_dir, *args), tmp_path / "a")
     good = read_params(tmp_path / "a", 20)
-    # Damage step 20: overwrite the middle of every data file of the state item.
-    for f in (tmp_path / "a" / "checkpoints" / "20" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 64 and "d" in f.parent.name:
-            data = bytearray(f.read_bytes())
-            data[len(data) // 2: len(data) // 2 + 16] = bytes(16)
-            f.write_bytes(bytes(data))
+    _damage(tmp_path / "a" / "checkpoints" / "20", how)
+    capsys.readouterr()
     again = train(_cfg(digits_dir, *args), tmp_path / "a")  # resumes from 10, redoes 11..20
+    out = capsys.readouterr().out
+    assert "checkpoint step 20" in out and "damaged" in out and "resumed from step 10" in out
     assert (tmp_path / "a" / "checkpoints_corrupt" / "20").is_dir()  # moved aside, not deleted
     assert again["eval"] == first["eval"]
     for x, y in zip(good, read_params(tmp_path / "a", 20)):
@@ -126,3 +139,14 @@ def test_resume_onto_a_different_mesh(digits_dir, tmp_path, read_params, capsys)
     assert res["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-4)
     for x, y in zip(read_params(tmp_path / "a", 10), read_params(tmp_path / "b", 10)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_all_checkpoints_damaged_stops_with_the_reason(digits_dir, tmp_path):
+    from mmjax.train.checkpoint import CheckpointError
+    args = ("train.steps=10", "train.checkpoint_every=5", "train.log_every=5")
+    train(_cfg(digits_dir, *args), tmp_path)
+    for step in (5, 10):
+        _damage(tmp_path / "checkpoints" / str(step), "truncate")
+    with pytest.raises(CheckpointError, match=r"every checkpoint .* is damaged.*step 10: .*step 5: "):
+        train(_cfg(digits_dir, *args), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints_corrupt").iterdir()) == ["10", "5"]

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.experiment import ExperimentConfig, validate
 from mmjax.layers import TransformerConfig, resize_posemb
 from mmjax.models.vit import VARIANTS, ViT, ViTConfig, vit_config
 from mmjax.tasks import ClassificationTask
-from mmjax.experiment import ExperimentConfig, validate
 
 SMALL = ViTConfig(image_size=16, channels=3, patch_size=4, num_classes=5,
                   encoder=TransformerConfig(width=32, depth=2, num_heads=4, mlp_dim=64))

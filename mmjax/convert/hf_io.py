@@ -81,7 +81,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for file in weight_files(path):
         raw_header = None
         with safe_open(file, framework="numpy") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 if key in tensors:
                     raise ConversionError(f"tensor {key!r} appears in two shards (second: {file.name})")
                 try:

@@ -47,7 +47,7 @@ def resize_posemb(table: jax.Array | np.ndarray, new_grid: tuple[int, int],
     table = np.asarray(table)
     prefix, grid = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
     n = grid.shape[1]
-    side = int(round(np.sqrt(n)))
+    side = round(np.sqrt(n))
     if side * side != n:
         raise ValueError(f"cannot resize a position table of {n} grid tokens: not a square grid")
     grid = grid.reshape(side, side, -1)

@@ -143,5 +143,5 @@ def unstack_block_params(params: dict) -> dict:
     stacked = params["blocks"]["block"]
     depth = jax.tree.leaves(stacked)[0].shape[0]
     for i in range(depth):
-        out[f"block_{i}"] = jax.tree.map(lambda a: a[i], stacked)
+        out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out

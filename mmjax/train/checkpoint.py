@@ -108,24 +108,33 @@ class Checkpointer:
     def restore_config(self, step: int) -> dict | None:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        except Exception:  # noqa: BLE001 - an old or damaged step simply has no readable config
+        except Exception:
             return None
 
     def restore_latest(self, abstract_state, *, data_iterator=None):
-        """(step, state) of the newest step that restores intact, or None when there is none.
+        """(step, state) of the newest step that restores intact, or None when there is no step.
 
-        A damaged step is reported, moved to `<dir>_corrupt/<step>` and skipped.
+        A damaged step is reported, moved to `<dir>_corrupt/<step>` and skipped. When steps exist
+        but every one is damaged, this raises instead of silently starting from scratch (the
+        damaged steps are then set aside, so a second start begins afresh).
         """
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        reasons = []
+        for step in reversed(steps):
             try:
                 return step, self.restore(step, abstract_state, data_iterator=data_iterator)
-            except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
+            except Exception as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.warning("checkpoint step %d in %s is damaged (%s); falling back to an earlier step",
                             step, self.directory, reason)
                 print(f"WARNING: checkpoint step {step} in {self.directory} is damaged ({reason}); "
                       "moved aside, falling back to an earlier step", flush=True)
                 self._quarantine(step)
+                reasons.append(f"step {step}: {reason}")
+        if steps:
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is damaged, so the run stops rather than start "
+                f"over; they were moved to {self.directory}_corrupt. " + "; ".join(reasons))
         return None
 
     def _quarantine(self, step: int) -> None:
