@@ -31,7 +31,10 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
     m = res["machine"]
     assert m["jax_version"] == jax.__version__ and m["backend"] == jax.default_backend()
     assert m["device_kind"] and _positive_finite(m["cpu_count"])
-    assert _positive_finite(res["peak"]["flops_per_s"]) and _positive_finite(res["peak"]["flops_per_s_end"])
+    peak = res["peak"]
+    assert _positive_finite(peak["flops_per_s"]) and _positive_finite(peak["flops_per_s_end"])
+    assert peak["flops_per_s_best"] == max(peak["flops_per_s"], peak["flops_per_s_end"])
+    assert isinstance(peak["unstable"], bool)
     assert "non_finite" not in res
 
     (case,) = res["cases"]
@@ -40,7 +43,7 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
     assert len(case["step_times_s"]) == 1 and case["step_s"] == case["step_times_s"][0]
     for key in ("num_params", "init_s", "lower_s", "compile_only_s", "compile_s", "step_s", "images_per_s",
                 "flops_formula", "flops_xla", "xla_over_formula", "achieved_flops_per_s", "peak_flops_per_s",
-                "mfu", "xla_temp_bytes", "xla_argument_bytes", "xla_output_bytes", "xla_bytes",
+                "mfu", "mfu_best_peak", "xla_temp_bytes", "xla_argument_bytes", "xla_output_bytes", "xla_bytes",
                 "xla_bytes_no_alias", "rss_at_start_bytes", "max_rss_bytes", "warmup_loss", "last_loss"):
         assert _positive_finite(case[key]), (key, case[key])
     assert math.isclose(case["compile_s"], case["lower_s"] + case["compile_only_s"], rel_tol=1e-9)
@@ -56,7 +59,7 @@ def test_vit_flops_formula_matches_xla_forward():
     """Wide enough that matmuls dominate (norms, GELU and softmax are a few % of the FLOPs), and
     unscanned: XLA's cost analysis counts a while loop's body only once."""
     cfg = vit_config("mu/4", image_size=16, num_classes=10,
-                     encoder=dict(width=256, depth=2, mlp_dim=1024, num_heads=4, scan_layers=False))
+                     encoder={"width": 256, "depth": 2, "mlp_dim": 1024, "num_heads": 4, "scan_layers": False})
     model = ViT(cfg)
     batch = 2
     images = jnp.zeros((batch, 16, 16, 3), jnp.float32)
