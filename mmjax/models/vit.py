@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.config import config
-from mmjax.layers import DenseGeneral, LearnedPosEmb, Mlp, Norm, PatchEmbed, Transformer, TransformerConfig
+from mmjax.layers import Attention, DenseGeneral, LearnedPosEmb, Mlp, Norm, PatchEmbed, Transformer, TransformerConfig
 from mmjax.layers.posemb import sincos_2d
 from mmjax.layers.transformer import to_dtype
 from mmjax.sharding import constrain
@@ -81,7 +81,6 @@ class MapHead(nn.Module):
                                                                  (None, None, "embed")),
                            (1, 1, x.shape[-1]), pdt)
         probe = jnp.broadcast_to(probe.astype(dt), (x.shape[0], 1, x.shape[-1]))
-        from mmjax.layers import Attention
         y = Attention(num_heads=c.num_heads, use_bias=True, dtype=dt, param_dtype=pdt,
                       implementation=c.attention_impl, name="attn")(probe, context=x)
         z = Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, name="norm")(y)
