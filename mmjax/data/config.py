@@ -18,7 +18,12 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     image_size: int | None = None  # square resize target; None keeps the native size
-    value_range: str = "unit"  # "unit": [0, 1]; "symmetric": [-1, 1]
+    # How a non-square image becomes image_size²: "squash" (resize, aspect not kept),
+    # "center_crop" (resize the short side, crop the centre), "pad" (resize the long side, pad).
+    resize_mode: str = "squash"
+    # Normalisation preset (transforms.NORMALIZATIONS): "unit" [0, 1], "symmetric" [-1, 1],
+    # "clip" (OpenAI CLIP mean/std), "imagenet" (ImageNet mean/std).
+    value_range: str = "unit"
     shuffle_seed: int = 0
     worker_count: int = 0  # grain worker processes; 0 = in the main process
     # Threads per process that read and decode examples (grain ReadOptions.num_threads), off the
@@ -28,3 +33,23 @@ class DataConfig:
     prefetch_buffer: int = 2
     random_flip: bool = False  # horizontal flip (off for digits: a flipped 2 is not a 2)
     random_shift: int = 0  # pixels of random translation (pad + crop), 0 = none
+    # Inception-style random resized crop for training: (min, max) area fraction; None = off.
+    random_resized_crop: tuple[float, float] | None = None
+    # Multi-crop tiling (Molmo-style): 0 = off; g > 0 adds "crops" [1 + g², S, S, C]: the whole
+    # image resized to S = image_size, then a g×g grid of tiles of the image at g·S resolution.
+    multi_crop_grid: int = 0
+    # Text: which example field to tokenise (None: no text), with which tokenizer ("bytes", a
+    # tokenizer.json path or a sentencepiece .model path), to how many ids (padded/truncated).
+    text_field: str | None = None
+    tokenizer: str = "bytes"
+    max_text_len: int = 64
+    text_add_bos: bool = False
+    text_add_eos: bool = True
+    # Text longer than max_text_len: "truncate" (keeps EOS), "error" or "skip".
+    on_long_text: str = "truncate"
+    # An example whose text is empty or not UTF-8, or whose image cannot be decoded:
+    # "error" (stop, naming the example) or "skip" (dropped, counted, warned).
+    on_bad_example: str = "error"
+    # Several training sources mixed with weights: (("shapes", 0.7), ("digits", 0.3)); empty: only
+    # `name`. Each entry may name a split as "name:split" (default: train_split).
+    mixture: tuple[tuple[str, float], ...] = ()

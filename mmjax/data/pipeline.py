@@ -24,7 +24,6 @@ Reading never imports TensorFlow.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import grain
 import jax
@@ -55,14 +54,52 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _check_config(cfg: DataConfig) -> None:
-    if cfg.value_range not in transforms.VALUE_RANGES:
-        raise ValueError(f"DataConfig.value_range must be one of {transforms.VALUE_RANGES}, "
-                         f"got {cfg.value_range!r}")
+    choices = {"value_range": transforms.VALUE_RANGES, "resize_mode": transforms.RESIZE_MODES,
+               "on_long_text": transforms.TEXT_POLICIES, "on_bad_example": transforms.BAD_EXAMPLE_POLICIES}
+    for field, allowed in choices.items():
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"DataConfig.{field} must be one of {allowed}, got {getattr(cfg, field)!r}")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise ValueError(f"DataConfig.image_size must be positive or None, got {cfg.image_size}")
-    for field in ("random_shift", "worker_count", "read_threads", "prefetch_buffer"):
+    for field in ("random_shift", "worker_count", "read_threads", "prefetch_buffer", "multi_crop_grid"):
         if getattr(cfg, field) < 0:
             raise ValueError(f"DataConfig.{field} must be >= 0, got {getattr(cfg, field)}")
+    if (cfg.random_resized_crop or cfg.multi_crop_grid) and cfg.image_size is None:
+        raise ValueError("random_resized_crop and multi_crop_grid need DataConfig.image_size")
+    if cfg.random_resized_crop is not None:
+        lo, hi = cfg.random_resized_crop
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"random_resized_crop must be (min, max) with 0 < min <= max <= 1, got {(lo, hi)}")
+    for name, weight in cfg.mixture:
+        if weight <= 0:
+            raise ValueError(f"mixture weight for {name!r} must be positive, got {weight}")
+
+
+def _skips(cfg: DataConfig) -> bool:
+    """Whether examples may be dropped (then batches form after the drop, per process)."""
+    return cfg.on_bad_example == "skip" or cfg.on_long_text == "skip"
+
+
+def _decode(cfg: DataConfig) -> transforms.GuardBad:
+    return transforms.GuardBad(
+        transforms.DecodeImage(cfg.image_size, cfg.resize_mode, cfg.text_field), cfg.on_bad_example)
+
+
+def _finish(cfg: DataConfig, ds: grain.MapDataset) -> grain.MapDataset:
+    """The deterministic tail of the per-example chain: multi-crop, normalisation, tokenisation."""
+    if cfg.multi_crop_grid:
+        ds = ds.map(transforms.MultiCrop(cfg.image_size, cfg.multi_crop_grid))
+    ds = ds.map(transforms.ToValueRange(cfg.value_range))
+    if cfg.text_field is not None:
+        tok = transforms.TokenizeText(cfg.tokenizer, cfg.max_text_len, cfg.text_add_bos, cfg.text_add_eos,
+                                      cfg.on_long_text)
+        ds = ds.map(transforms.GuardBad(tok, "skip" if cfg.on_long_text == "skip" else "error"))
+    return ds
+
+
+def _source(cfg: DataConfig, spec: str, default_split: str) -> grain.MapDataset:
+    name, _, split = spec.partition(":")
+    return grain.MapDataset.source(registry.open_split(name, split or default_split, cfg.data_dir))
 
 
 def _pipeline_seed(seed: int, shuffle_seed: int) -> int:
@@ -84,11 +121,17 @@ def _allow_unparsed_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _to_iter(cfg: DataConfig, ds: grain.MapDataset) -> grain.IterDataset:
-    """Threads (and optional worker processes) that run the map stages ahead of the consumer."""
-    # Elements here are whole batches, so prefetch_buffer counts batches.
-    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
-    it_ds = ds.to_iter_dataset(read)
+def _to_iter(cfg: DataConfig, ds: grain.MapDataset, local_batch: int) -> grain.IterDataset:
+    """Batches, then threads (and optional worker processes) run the map stages ahead of the
+    consumer. Without skipping, batches form on the MapDataset (each batch is a fixed slice of the
+    stream, whatever the worker count); with skipping they must form after the drop."""
+    if _skips(cfg):
+        read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer * local_batch)
+        it_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=True)
+    else:
+        # Elements here are whole batches, so prefetch_buffer counts batches.
+        read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
+        it_ds = ds.batch(local_batch, drop_remainder=True).to_iter_dataset(read)
     if cfg.worker_count > 0:
         _allow_unparsed_absl_flags()
         # Workers take batches round-robin, so the output order matches worker_count=0.
@@ -120,17 +163,25 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
     _check_config(cfg)
     process_index, process_count = _process_slot(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, process_count)
-    source = registry.open_split(cfg.name, cfg.train_split, cfg.data_dir)
-
-    ds = grain.MapDataset.source(source).seed(_pipeline_seed(seed, cfg.shuffle_seed))
-    ds = ds.shuffle().repeat()  # repeat() re-seeds the shuffle per epoch: a new order each epoch.
-    ds = ds.map(transforms.DecodeImage(cfg.image_size))
-    # Before the per-process slice, so the rng index is the global stream position.
-    ds = ds.random_map(transforms.Augment(shift=cfg.random_shift, flip=cfg.random_flip))
-    ds = ds.map(transforms.ToValueRange(cfg.value_range))
+    pipeline_seed = _pipeline_seed(seed, cfg.shuffle_seed)
+    if cfg.mixture:
+        # Each source shuffled and repeated on its own, then interleaved by weight (grain's mix
+        # keeps the proportions exactly over every window of the stream).
+        parts = [_source(cfg, name, cfg.train_split).seed(pipeline_seed + i).shuffle().repeat()
+                 for i, (name, _) in enumerate(cfg.mixture)]
+        ds = grain.MapDataset.mix(parts, [w for _, w in cfg.mixture])
+    else:
+        ds = _source(cfg, cfg.name, cfg.train_split).seed(pipeline_seed)
+        ds = ds.shuffle().repeat()  # repeat() re-seeds the shuffle per epoch: a new order each epoch.
+    ds = ds.map(_decode(cfg))
+    # Random stages before the per-process slice, so the rng index is the global stream position.
+    if cfg.random_resized_crop is not None:
+        ds = ds.seed(pipeline_seed + 101).random_map(
+            transforms.RandomResizedCrop(cfg.image_size, tuple(cfg.random_resized_crop)))
+    ds = ds.seed(pipeline_seed + 202).random_map(transforms.Augment(shift=cfg.random_shift, flip=cfg.random_flip))
+    ds = _finish(cfg, ds)
     ds = ds[process_index::process_count]
-    ds = ds.batch(local_batch, drop_remainder=True)
-    return iter(_to_iter(cfg, ds))
+    return iter(_to_iter(cfg, ds, local_batch))
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -168,17 +219,20 @@ def eval_batches(cfg: DataConfig, *, split: str | None = None, global_batch_size
     if num_examples == 0:
         raise ValueError(f"split '{split}' of dataset '{cfg.name}' is empty")
 
-    examples = (grain.MapDataset.source(source)
-                .map(transforms.DecodeImage(cfg.image_size))
-                .map(transforms.ToValueRange(cfg.value_range))
-                .map(transforms.AddMask(True)))
+    # A bad example (skip policy) stays in place as a padding example (mask False), so every
+    # process still yields the same static number of batches; it is counted in SKIPPED.
+    examples = _finish(cfg, grain.MapDataset.source(source).map(_decode(cfg)))
+    template = next((examples[i] for i in range(num_examples) if examples[i] is not None), None)
+    if template is None:
+        raise ValueError(f"split '{split}' of dataset '{cfg.name}' has no usable example")
+    examples = grain.MapDataset.range(num_examples).map(transforms.MaskOrPad(examples, template))
     num_padding = num_eval_batches(num_examples, global_batch_size) * global_batch_size - num_examples
     if num_padding:
-        template: dict[str, Any] = examples[0]
         padding = grain.MapDataset.range(num_padding).map(transforms.ZerosLike(template))
         examples = grain.MapDataset.concatenate([examples, padding])
-    ds = examples[process_index::process_count].batch(local_batch, drop_remainder=True)
-    return _to_iter(cfg, ds)
+    ds = examples[process_index::process_count]
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
+    return ds.batch(local_batch, drop_remainder=True).to_iter_dataset(read)
 
 
 def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):

@@ -8,13 +8,36 @@ between `DecodeImage` and `ToValueRange`, so augmentations pad with 0 = black in
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import warnings
+from collections import Counter
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
-VALUE_RANGES = ("unit", "symmetric")
+log = logging.getLogger(__name__)
+
+# Normalisation presets applied to images in [0, 1]: (x - mean) / std per channel.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "unit": ((0.0,), (1.0,)),
+    "symmetric": ((0.5,), (0.5,)),  # [-1, 1] (SigLIP, VQGAN)
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+VALUE_RANGES = tuple(NORMALIZATIONS)
+RESIZE_MODES = ("squash", "center_crop", "pad")
+TEXT_POLICIES = ("truncate", "error", "skip")
+BAD_EXAMPLE_POLICIES = ("error", "skip")
+
+# Examples dropped with on_bad_example / on_long_text = "skip", by reason (this process only).
+SKIPPED: Counter = Counter()
+
+
+class BadExample(ValueError):
+    """An example that cannot be used (its message names the example and the problem)."""
 
 
 def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
@@ -32,27 +55,78 @@ def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
+def resize_to_square(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
+    """float32 [H, W, C] -> [size, size, C] by `mode`: "squash" ignores the aspect ratio,
+    "center_crop" resizes the short side to `size` and crops the middle, "pad" resizes the long
+    side to `size` and pads the rest with zeros (centred)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    h, w = image.shape[:2]
+    if mode == "squash" or h == w:
+        return image if (h, w) == (size, size) else resize_bilinear(image, size)
+    if mode == "center_crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return resize_to_square(image[top:top + side, left:left + side], size)
+    side = max(h, w)
+    padded = np.zeros((side, side, image.shape[2]), image.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded[top:top + h, left:left + w] = image
+    return resize_to_square(padded, size)
+
+
+def _example_name(example: dict[str, Any]) -> str:
+    for key in ("id", "file"):
+        if key in example:
+            v = example[key]
+            return f"{key}={v.decode() if isinstance(v, bytes) else v}"
+    return "an example without id"
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeImage(grain.transforms.Map):
-    """TFDS example -> {"image": float32 [H, W, C] in [0, 1], "label": int32 [], ("id": int32 [])}.
+    """TFDS example -> {"image": float32 [H, W, C] in [0, 1], "label": int32 [], ("id": int32 []),
+    (text_field: str)}.
 
     Integer images are divided by their dtype's maximum (255 for uint8). With `image_size` set the
-    image is resized to [image_size, image_size, C]. Only `image`, `label` and, when the dataset has
-    one, `id` are kept: text and other fields would make batches that cannot go to a device.
+    image becomes [image_size, image_size, C] by `resize_mode`. Only `image`, `label`, `id` and the
+    text field are kept: other fields would make batches that cannot go to a device. Text arrives
+    from TFDS as UTF-8 bytes; bytes that are not UTF-8, or an empty text, raise `BadExample`.
     """
 
     image_size: int | None = None
+    resize_mode: str = "squash"
+    text_field: str | None = None
 
-    def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
         image = np.asarray(example["image"])
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.size == 0:
+            raise BadExample(f"{_example_name(example)}: image of shape {image.shape} is not [H, W, C]")
         if np.issubdtype(image.dtype, np.integer):
             image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
         image = image.astype(np.float32, copy=False)
         if self.image_size is not None and image.shape[:2] != (self.image_size, self.image_size):
-            image = resize_bilinear(image, self.image_size)
-        out = {"image": image, "label": np.int32(example["label"])}
+            image = resize_to_square(image, self.image_size, self.resize_mode)
+        out: dict[str, Any] = {"image": image}
+        if "label" in example:
+            out["label"] = np.int32(example["label"])
         if "id" in example:
             out["id"] = np.int32(example["id"])
+        if self.text_field is not None:
+            if self.text_field not in example:
+                raise KeyError(f"text_field {self.text_field!r} is not a feature of this dataset "
+                               f"(features: {sorted(example)})")
+            text = example[self.text_field]
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadExample(f"{_example_name(example)}: {self.text_field} is not UTF-8 ({e})") from None
+            if not str(text).strip():
+                raise BadExample(f"{_example_name(example)}: {self.text_field} is empty")
+            out["text"] = str(text)
         return out
 
 
@@ -84,18 +158,132 @@ class Augment(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class ToValueRange(grain.transforms.Map):
-    """Maps `image` from [0, 1] to the model's range: "unit" keeps it, "symmetric" gives 2x - 1."""
+    """Normalises `image` (and `crops`) from [0, 1] by a preset in NORMALIZATIONS:
+    (x - mean) / std per channel ("unit" keeps [0, 1], "symmetric" gives 2x - 1)."""
 
     value_range: str = "unit"
 
     def __post_init__(self):
-        if self.value_range not in VALUE_RANGES:
+        if self.value_range not in NORMALIZATIONS:
             raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {self.value_range!r}")
 
-    def map(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.value_range == "symmetric":
-            return {**example, "image": example["image"] * np.float32(2.0) - np.float32(1.0)}
-        return example
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        if self.value_range == "unit":
+            return example
+        mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[self.value_range])
+        out = dict(example)
+        for key in ("image", "crops"):
+            if key in out:
+                x = out[key]
+                if x.shape[-1] != mean.size and mean.size != 1:
+                    raise ValueError(f"value_range {self.value_range!r} is for {mean.size} channels, "
+                                     f"the image has {x.shape[-1]}")
+                out[key] = (x - mean) / std
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCrop(grain.transforms.RandomMap):
+    """Inception-style crop: a window of area fraction in `scale` and aspect ratio in `ratio`
+    (log-uniform), resized to size²; falls back to the whole image after 10 misses."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = example["image"]
+        h, w = image.shape[:2]
+        for _ in range(10):
+            area = h * w * rng.uniform(*self.scale)
+            aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+            cw, ch = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                crop = image[top:top + ch, left:left + cw]
+                break
+        else:
+            crop = image
+        return {**example, "image": resize_to_square(np.ascontiguousarray(crop), self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiCrop(grain.transforms.Map):
+    """Adds `crops` float32 [1 + g², S, S, C]: the whole image at S², then the g×g tiles (row-major)
+    of the image resized to (g·S)², so each tile keeps g× the detail (Molmo / LLaVA-NeXT style)."""
+
+    size: int
+    grid: int
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        image = example["image"]
+        s, g = self.size, self.grid
+        full = resize_to_square(image, s)
+        big = resize_to_square(image, g * s)
+        tiles = big.reshape(g, s, g, s, -1).transpose(0, 2, 1, 3, 4).reshape(g * g, s, s, -1)
+        return {**example, "crops": np.concatenate([full[None], tiles], axis=0)}
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(spec: str):
+    from mmjax.data.tokenizers import load_tokenizer
+    return load_tokenizer(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeText(grain.transforms.Map):
+    """`text` (str) -> `text_ids` int32 [max_len] padded with the tokenizer's pad id and
+    `text_len` int32 []. Longer texts are truncated (EOS kept last when add_eos), or raise
+    `BadExample` per `on_long`. The tokenizer is loaded once per process from its spec."""
+
+    tokenizer: str = "bytes"
+    max_len: int = 64
+    add_bos: bool = False
+    add_eos: bool = True
+    on_long: str = "truncate"
+
+    def __post_init__(self):
+        if self.on_long not in TEXT_POLICIES:
+            raise ValueError(f"on_long_text must be one of {TEXT_POLICIES}, got {self.on_long!r}")
+        if self.max_len < 1:
+            raise ValueError(f"max_text_len must be positive, got {self.max_len}")
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        tok = _tokenizer(self.tokenizer)
+        ids = tok.encode(example["text"], add_bos=self.add_bos, add_eos=self.add_eos)
+        if len(ids) > self.max_len:
+            if self.on_long != "truncate":
+                raise BadExample(f"{_example_name(example)}: text of {len(ids)} tokens is longer than "
+                                 f"max_text_len={self.max_len}")
+            ids = ids[: self.max_len - 1] + [ids[-1]] if self.add_eos else ids[: self.max_len]
+        out = {k: v for k, v in example.items() if k != "text"}
+        out["text_ids"] = np.full(self.max_len, tok.pad_id, np.int32)
+        out["text_ids"][: len(ids)] = ids
+        out["text_len"] = np.int32(len(ids))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardBad(grain.transforms.Map):
+    """Runs `inner` on an example; a `BadExample` either propagates (policy "error") or turns the
+    example into None, to be dropped by a later filter, counted in SKIPPED and warned about."""
+
+    inner: Any
+    policy: str = "error"
+
+    def map(self, example):
+        if example is None:
+            return None
+        try:
+            return self.inner.map(example)
+        except BadExample as e:
+            if self.policy == "error":
+                raise
+            SKIPPED[type(self.inner).__name__] += 1
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            log.warning("skipped %s (%d skipped by %s so far)", e, SKIPPED[type(self.inner).__name__],
+                        type(self.inner).__name__)
+            return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +294,20 @@ class AddMask(grain.transforms.Map):
 
     def map(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**example, "mask": np.bool_(self.value)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOrPad(grain.transforms.Map):
+    """Index i -> examples[i] with mask True, or (for a skipped bad example) zeros with mask False."""
+
+    examples: Any
+    template: dict[str, np.ndarray]
+
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        example = self.examples[int(index)]
+        if example is None:
+            return {k: np.zeros_like(v) for k, v in self.template.items()} | {"mask": np.bool_(False)}
+        return {**example, "mask": np.bool_(True)}
 
 
 @dataclasses.dataclass(frozen=True)
