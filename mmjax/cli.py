@@ -2,6 +2,7 @@
 
     mmjax train --config experiments/vit_digits.py --workdir runs/vit_digits [--config.KEY=VALUE ...]
     mmjax bench [--out bench.json] [...]
+    mmjax bench-data [--name shapes] [...]
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench-data"]:
+        from mmjax.data.bench import main as bench_data
+        bench_data(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="mmjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train an experiment config")
     tr.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
     tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
+    sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
     bench = sub.add_parser("bench", help="ViT train-step benchmark (prints figures, writes JSON)")
     bench.add_argument("--out", default="bench_vit.json")
     bench.add_argument("--variants", default="S/16,B/16")
