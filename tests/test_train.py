@@ -17,8 +17,8 @@ from mmjax.train.loop import NonFiniteError, train
 
 # A CLS token with learned positions moves off chance within 40 steps; the main job's GAP +
 # sin-cos recipe needs a few hundred.
-TINY = ["model.pool=cls", "model.posemb=learned", "model.encoder.width=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
-        "model.encoder.mlp_dim=64", "train.batch_size=32", "train.eval_batch_size=64",
+TINY = ["model.pool=cls", "model.posemb=learned", "model.encoder.width=32", "model.encoder.depth=1",
+        "model.encoder.num_heads=2", "model.encoder.mlp_dim=64", "train.batch_size=32", "train.eval_batch_size=64",
         "train.progress=false", "optim.warmup_steps=2", "mesh.shape=(-1,1,1)"]
 
 

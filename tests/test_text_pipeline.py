@@ -1,0 +1,60 @@
+"""Captions through the grain pipeline: tokenised, padded, and long ones truncated, refused or skipped."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mmjax.data import pipeline, transforms
+from mmjax.data.config import DataConfig
+from mmjax.data.digits import caption_for
+from mmjax.data.tokenizers import ByteTokenizer
+
+# Byte lengths + EOS: "one", "two", "six" → 24 ids; "zero", "four", "five", "nine" → 25;
+# "three", "seven", "eight" → 26.
+LONG = {3, 7, 8}
+
+
+@pytest.fixture(scope="module")
+def cfg(digits_dir):
+    return DataConfig(name="digits", data_dir=digits_dir, text_field="caption", max_text_len=32)
+
+
+def test_captions_are_tokenised_and_padded(cfg):
+    batch = next(pipeline.train_iterator(cfg, global_batch_size=16, seed=0))
+    tok = ByteTokenizer()
+    assert batch["text_ids"].shape == (16, 32) and batch["text_ids"].dtype == np.int32
+    for ids, n, label in zip(batch["text_ids"], batch["text_len"], batch["label"]):
+        assert ids[n - 1] == tok.eos_id and (ids[n:] == tok.pad_id).all()
+        assert tok.decode(ids[:n]) == caption_for(int(label))  # golden: the builder's caption
+
+
+def test_long_captions_truncate_keep_eos(cfg):
+    batch = next(pipeline.train_iterator(dataclasses.replace(cfg, max_text_len=10), global_batch_size=16, seed=0))
+    tok = ByteTokenizer()
+    assert (batch["text_len"] == 10).all() and (batch["text_ids"][:, 9] == tok.eos_id).all()
+    assert tok.decode(batch["text_ids"][0, :9]) == "a handwri"
+
+
+def test_long_captions_error_names_the_example(cfg):
+    it = pipeline.train_iterator(dataclasses.replace(cfg, max_text_len=25, on_long_text="error"),
+                                 global_batch_size=64, seed=0)
+    with pytest.raises(transforms.BadExample, match=r"id=\d+: text of 26 tokens is longer than max_text_len=25"):
+        next(it)
+
+
+def test_long_captions_skipped_and_counted(cfg):
+    before = transforms.SKIPPED["TokenizeText"]
+    c = dataclasses.replace(cfg, max_text_len=25, on_long_text="skip")
+    with pytest.warns(UserWarning, match="longer than max_text_len=25"):
+        batches = [b for b, _ in zip(pipeline.train_iterator(c, global_batch_size=32, seed=0), range(4))]
+    labels = np.concatenate([b["label"] for b in batches])
+    assert labels.size == 128 and not set(labels.tolist()) & LONG
+    assert transforms.SKIPPED["TokenizeText"] > before
+    # Eval: each skipped example is a masked slot, so every usable one is counted exactly once.
+    with pytest.warns(UserWarning):
+        ev = list(pipeline.eval_batches(c, global_batch_size=64))
+    mask = np.concatenate([b["mask"] for b in ev])
+    lab = np.concatenate([b["label"] for b in ev])[mask]
+    assert mask.size == 384 and not set(lab.tolist()) & LONG
+    assert 0.2 * 360 < 360 - mask.sum() < 0.4 * 360  # about 3 classes of 10 were skipped
