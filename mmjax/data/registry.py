@@ -21,10 +21,12 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from mmjax.data.digits import DigitsBuilder
+from mmjax.data.shapes import ShapesBuilder
 
 # name -> builder class: the datasets mmjax may *build*; every other name is read-only.
 BUILTIN: dict[str, type[tfds.core.DatasetBuilder]] = {
     "digits": DigitsBuilder,
+    "shapes": ShapesBuilder,
 }
 
 
