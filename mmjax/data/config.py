@@ -41,6 +41,8 @@ class DataConfig:
     # Text: which example field to tokenise (None: no text), with which tokenizer ("bytes", a
     # tokenizer.json path or a sentencepiece .model path), to how many ids (padded/truncated).
     text_field: str | None = None
+    # Numeric features passed through as they are (e.g. shapes' "color", "num_objects" labels).
+    extra_fields: tuple[str, ...] = ()
     tokenizer: str = "bytes"
     max_text_len: int = 64
     text_add_bos: bool = False

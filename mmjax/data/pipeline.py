@@ -82,7 +82,8 @@ def _skips(cfg: DataConfig) -> bool:
 
 def _decode(cfg: DataConfig) -> transforms.GuardBad:
     return transforms.GuardBad(
-        transforms.DecodeImage(cfg.image_size, cfg.resize_mode, cfg.text_field), cfg.on_bad_example)
+        transforms.DecodeImage(cfg.image_size, cfg.resize_mode, cfg.text_field, tuple(cfg.extra_fields)),
+        cfg.on_bad_example)
 
 
 def _finish(cfg: DataConfig, ds: grain.MapDataset) -> grain.MapDataset:

@@ -97,6 +97,7 @@ class DecodeImage(grain.transforms.Map):
     image_size: int | None = None
     resize_mode: str = "squash"
     text_field: str | None = None
+    extra_fields: tuple[str, ...] = ()
 
     def map(self, example: dict[str, Any]) -> dict[str, Any]:
         image = np.asarray(example["image"])
@@ -114,6 +115,10 @@ class DecodeImage(grain.transforms.Map):
             out["label"] = np.int32(example["label"])
         if "id" in example:
             out["id"] = np.int32(example["id"])
+        for key in self.extra_fields:
+            if key not in example:
+                raise KeyError(f"extra field {key!r} is not a feature of this dataset (features: {sorted(example)})")
+            out[key] = np.asarray(example[key])
         if self.text_field is not None:
             if self.text_field not in example:
                 raise KeyError(f"text_field {self.text_field!r} is not a feature of this dataset "

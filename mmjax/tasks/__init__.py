@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from mmjax.tasks.base import Task
 from mmjax.tasks.classification import ClassificationTask
+from mmjax.tasks.contrastive import ContrastiveTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
+    "contrastive": ContrastiveTask,
 }
 
 

@@ -44,6 +44,21 @@ class Task(abc.ABC):
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         return sums
 
+    def evaluate(self, params, extra, mesh) -> dict[str, float]:
+        """One exact pass over the eval split: `eval_fn` sums over padded global batches, then
+        `summarize_eval`. Tasks whose metrics need all examples at once (retrieval) override this."""
+        from mmjax import sharding as shd
+        from mmjax.data import pipeline
+        if not hasattr(self, "_eval_step"):
+            self._eval_step = jax.jit(self.eval_fn)
+        sums: dict[str, float] = {}
+        for local in pipeline.eval_batches(self.cfg.data, split=self.cfg.data.eval_split,
+                                           global_batch_size=self.cfg.train.eval_batch_size):
+            out = jax.device_get(self._eval_step(params, extra, shd.make_global_batch(local, mesh)))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return self.summarize_eval(sums)
+
     @abc.abstractmethod
     def train_flops_per_example(self) -> float:
         """FLOPs of forward + backward for one example (3 × forward; formula in the model file)."""

@@ -89,17 +89,6 @@ def _is_due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def evaluate(task: Task, eval_step, state, cfg: ExperimentConfig, mesh) -> dict:
-    from mmjax.data import pipeline
-    sums: dict[str, float] = {}
-    for local in pipeline.eval_batches(cfg.data, split=cfg.data.eval_split,
-                                       global_batch_size=cfg.train.eval_batch_size):
-        out = jax.device_get(eval_step(state.params, state.extra, shd.make_global_batch(local, mesh)))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return task.summarize_eval(sums)
-
-
 def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     """Runs (or resumes) an experiment in `workdir`; returns the results also written to
     workdir/results.json."""
@@ -144,7 +133,6 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         example = task.example_batch(t.batch_size)
         batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in example.items()}
         step_fn = jit_train_step(make_train_step(task.loss_fn, tx, schedule), state_sh, batch_sh)
-        eval_step = jax.jit(task.eval_fn)
 
         writer = MetricWriter(workdir)
         flops = task.train_flops_per_example()
@@ -194,7 +182,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                         bar.set_postfix(loss=f"{last_train['loss']:.4f}")
                     pending = []
                     if eval_due:
-                        last_eval = evaluate(task, eval_step, state, cfg, mesh)
+                        last_eval = task.evaluate(state.params, state.extra, mesh)
                         writer.write(s, last_eval, prefix="eval/")
                         if bar is not None:
                             bar.write(f"step {s}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
@@ -202,7 +190,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                         ckpt.save(s, state, data_iterator=train_iter, config=cfg_dict)
                     tick, tick_step = time.perf_counter(), s
             if not last_eval:
-                last_eval = evaluate(task, eval_step, state, cfg, mesh)
+                last_eval = task.evaluate(state.params, state.extra, mesh)
                 writer.write(int(state.step), last_eval, prefix="eval/")
             if t.steps not in ckpt.all_steps() and start < t.steps:
                 ckpt.save(t.steps, state, data_iterator=train_iter, config=cfg_dict, force=True)
@@ -219,4 +207,4 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     return results
 
 
-__all__ = ["NonFiniteError", "create_sharded_state", "evaluate", "train"]
+__all__ = ["NonFiniteError", "create_sharded_state", "train"]
