@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import ConfigError, from_dict
-from mmjax.convert import hf_io, hf_vit
+from mmjax.convert import hf_clip, hf_io, hf_vit
 from mmjax.convert.family import Family, LoadOptions
 from mmjax.convert.rules import ConversionError, KeyDiffError, export_tensors, fmt_shape, import_tensors
 from mmjax.convert.tree import flatten, is_scanned, plain_params, scan_tree, unflatten, unscan_tree
 
-# Every family, explicitly (no string-based imports). Later: CLIP, SigLIP, Llama, LLaVA.
-FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY,)
+# Every family, explicitly (no string-based imports). Later: Llama, LLaVA.
+FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY, hf_clip.CLIP_FAMILY, hf_clip.SIGLIP_FAMILY)
 
 
 def supported() -> str:
@@ -83,6 +83,7 @@ def from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
     """
     opts = _options(options)
     family = find_family(hf_config, where=f"{source} config")
+    tensors = family.prepare_tensors(dict(hf_config), tensors)  # e.g. split fused q;k;v
     plan = family.plan_import(dict(hf_config), set(tensors), opts)
     expected_tree = _expected_params(plan.model, plan.example_inputs)
     expected = flatten(unscan_tree(expected_tree))  # rules speak the unscanned layout
@@ -127,7 +128,7 @@ def to_hf(model: nn.Module, params) -> tuple[dict, dict[str, np.ndarray]]:
     _check_flat(flat, expected, f"params given to save_pretrained do not fit {type(model).__name__}",
                 "the params")
     tensors = export_tensors(list(plan.rules), flat, title=f"cannot write {plan.description}")
-    return plan.config, tensors
+    return plan.config, family.finish_tensors(tensors)
 
 
 def save_pretrained(model: nn.Module, params, path: str | os.PathLike) -> Path:

@@ -72,6 +72,15 @@ class Family:
     def plan_import(self, hf_config: dict, keys: Collection[str], options: LoadOptions) -> ImportPlan:
         raise NotImplementedError
 
+    def prepare_tensors(self, hf_config: dict, tensors):
+        """Checkpoint tensors before the rules run; a family may re-key them here, e.g. split a
+        fused q;k;v tensor that one rule (one key → one param) cannot map. Default: unchanged."""
+        return tensors
+
+    def finish_tensors(self, tensors: dict) -> dict:
+        """Inverse of `prepare_tensors` on export (e.g. fuse q;k;v again). Default: unchanged."""
+        return tensors
+
     def plan_export(self, model: nn.Module, params: dict) -> ExportPlan:
         """params: our unscanned, flat {path: np.ndarray} (some layouts depend on values, e.g.
         whether all q/k/v biases are zero)."""

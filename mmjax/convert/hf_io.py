@@ -117,7 +117,7 @@ def write_dir(path: str | os.PathLike, config: dict, tensors: dict[str, np.ndarr
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / WEIGHTS),
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(path / WEIGHTS),
               metadata={"format": "pt"})
     return path
 

@@ -267,7 +267,9 @@ def export_tensors(rules: list[Rule], params: Mapping[str, np.ndarray], *,
                 unexpected.append(f"{path} {fmt_shape(y.shape)}  (rule {rule.name!r}: the checkpoint "
                                   "format has no tensor for it, so it must be zero, but it is not)")
         else:
-            out[_fill(rule.source, groups)] = np.ascontiguousarray(rule.transform.to_source(y))
+            x = rule.transform.to_source(y)
+            # np.ascontiguousarray makes a 0-d array 1-d; keep scalars (CLIP's logit_scale) scalar.
+            out[_fill(rule.source, groups)] = np.ascontiguousarray(x).reshape(np.shape(x))
     if unexpected:
         raise KeyDiffError(title, unexpected=unexpected)
     return out
