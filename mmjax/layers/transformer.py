@@ -4,6 +4,15 @@
 
 With `scan_layers` the `depth` blocks are one `nn.scan` over stacked params (leading "layers" axis):
 compile time stops growing with depth. `remat` trades recomputation for activation memory.
+
+KV cache (decoders): `Transformer(cfg)(x, cache=c, cache_index=t, mask=m)` threads one cache per
+block through the stack (see mmjax/layers/attention.py for one layer's {"k", "v"}) and returns it
+as aux["cache"]. The stack's cache has the layout of its params:
+
+    unscanned  {"block_0": {"k": [B, S, Hkv, Dh], "v": ...}, "block_1": ..., ...}
+    scanned    {"k": [depth, B, S, Hkv, Dh], "v": [depth, B, S, Hkv, Dh]}  (an nn.scan input/output)
+
+`init_kv_cache(cfg, batch, max_len)` makes a zero one and `kv_cache_logical_axes(cfg)` names its axes.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import config
-from mmjax.layers.attention import Attention
+from mmjax.layers.attention import CACHE_AXES, Attention
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
 from mmjax.sharding import constrain
@@ -65,7 +74,8 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, mask=None, positions=None, deterministic=True):
+    def __call__(self, x, mask=None, positions=None, deterministic=True, cache=None, cache_index=None):
+        """x [B, T, D] → [B, T, D]; with a layer cache ({"k", "v"}) → ([B, T, D], new cache)."""
         c = self.cfg
         dt, pdt = to_dtype(c.dtype), to_dtype(c.param_dtype)
         norm = lambda name: Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, name=name)
@@ -74,35 +84,47 @@ class Block(nn.Module):
                       use_bias=c.use_bias, implementation=c.attention_impl, rope_base=c.rope_base,
                       qk_norm=c.qk_norm, norm_eps=c.norm_eps, dtype=dt, param_dtype=pdt,
                       name="attn")(norm("norm1")(x), mask=mask, positions=positions,
-                                   deterministic=deterministic)
+                                   deterministic=deterministic, cache=cache, cache_index=cache_index)
+        if cache is not None:
+            y, cache = y
         x = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)
         y = Mlp(c.mlp_dim or 4 * c.width, c.activation, use_bias=c.use_bias, dropout=c.dropout,
                 dtype=dt, param_dtype=pdt, name="mlp")(norm("norm2")(x), deterministic=deterministic)
         x = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)
-        return constrain(x, ("act_batch", "act_len", "act_embed"))
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        return x if cache is None else (x, cache)
 
 
 class _ScanBlock(nn.Module):
-    """Block with the (carry, x) → (carry, out) signature nn.scan wants; out is the block output."""
+    """Block with the (carry, xs) → (carry, ys) signature nn.scan wants: the carry is the hidden
+    state; the layer's cache slice is scanned in, and ys = (block output, updated cache slice)."""
 
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions, deterministic):
-        x = Block(self.cfg, name="block")(x, mask, positions, deterministic)
-        return x, x
+    def __call__(self, x, mask, positions, deterministic, cache, cache_index):
+        x = Block(self.cfg, name="block")(x, mask, positions, deterministic, cache, cache_index)
+        if cache is not None:
+            x, cache = x
+        return x, (x, cache)
 
 
 class Transformer(nn.Module):
-    """x: [B, N, D] → ([B, N, D], aux). aux["blocks"]: [depth, B, N, D] when return_blocks."""
+    """x: [B, N, D] → ([B, N, D], aux). aux["blocks"]: [depth, B, N, D] when return_blocks;
+    aux["cache"]: the updated KV cache when `cache` (and `cache_index`) are given (module docstring)."""
 
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, *, mask=None, positions=None, deterministic=True, return_blocks=False):
+    def __call__(self, x, *, mask=None, positions=None, deterministic=True, return_blocks=False,
+                 cache=None, cache_index=None):
         c = self.cfg
         if x.shape[-1] != c.width:
             raise ValueError(f"transformer width is {c.width} but the input has {x.shape[-1]} channels")
+        if cache is not None:
+            _check_cache_layout(cache, c)
+            if cache_index is None:
+                raise ValueError("a KV cache needs cache_index (the slot where this chunk is written)")
         aux = {}
         block_cls = _ScanBlock if c.scan_layers else Block
         if c.remat != "none":
@@ -111,22 +133,72 @@ class Transformer(nn.Module):
                                  static_argnums=(4,))
         if c.scan_layers:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, outs = stack(c, name="blocks")(x, mask, positions, deterministic)
+            x, (outs, new_cache) = stack(c, name="blocks")(x, mask, positions, deterministic, cache, cache_index)
             if return_blocks:
                 aux["blocks"] = outs
         else:
-            outs = []
+            outs, new_cache = [], {}
             for i in range(c.depth):
-                x = block_cls(c, name=f"block_{i}")(x, mask, positions, deterministic)
+                name = f"block_{i}"
+                x = block_cls(c, name=name)(x, mask, positions, deterministic,
+                                            None if cache is None else cache[name], cache_index)
+                if cache is not None:
+                    x, new_cache[name] = x
                 outs.append(x)
             if return_blocks:
                 aux["blocks"] = jnp.stack(outs)
+        if cache is not None:
+            aux["cache"] = new_cache
         if c.final_norm:
             x = Norm(c.norm, c.norm_eps, dtype=to_dtype(c.dtype), param_dtype=to_dtype(c.param_dtype),
                      name="final_norm")(x)
         return x, aux
+
+
+def kv_cache_head_shape(cfg: TransformerConfig) -> tuple[int, int]:
+    """(Hkv, Dh) of every layer's cache."""
+    return cfg.num_kv_heads or cfg.num_heads, cfg.head_dim or cfg.width // cfg.num_heads
+
+
+def init_kv_cache(cfg: TransformerConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """A zero KV cache for the stack, in the layout of its params (module docstring):
+    [B, S=max_len, Hkv, Dh] per layer, stacked on a leading [depth] axis when cfg.scan_layers."""
+    if batch_size < 1 or max_len < 1:
+        raise ValueError(f"a KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+    hkv, dh = kv_cache_head_shape(cfg)
+    dtype = to_dtype(dtype) if isinstance(dtype, str) else dtype
+    if cfg.scan_layers:
+        shape = (cfg.depth, batch_size, max_len, hkv, dh)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    shape = (batch_size, max_len, hkv, dh)
+    return {f"block_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(cfg.depth)}
+
+
+def kv_cache_logical_axes(cfg: TransformerConfig) -> dict:
+    """Logical axis names of every leaf of `init_kv_cache(cfg, ...)` (same tree, tuples as leaves),
+    for `mmjax.sharding.logical_to_spec`: batch over (data, fsdp), kv heads over tensor."""
+    if cfg.scan_layers:
+        return {"k": ("layers", *CACHE_AXES), "v": ("layers", *CACHE_AXES)}
+    return {f"block_{i}": {"k": CACHE_AXES, "v": CACHE_AXES} for i in range(cfg.depth)}
+
+
+def _check_cache_layout(cache, cfg: TransformerConfig) -> None:
+    """A clear error for a cache made for another stack (depth, scanned or not)."""
+    if not isinstance(cache, dict):
+        raise TypeError(f"the KV cache must be a dict (see init_kv_cache), got {type(cache).__name__}")
+    if cfg.scan_layers:
+        ok = set(cache) == {"k", "v"} and all(getattr(cache[n], "ndim", 0) == 5 and cache[n].shape[0] == cfg.depth
+                                               for n in ("k", "v"))
+        want = f"{{'k', 'v'}} stacked as [depth={cfg.depth}, B, S, Hkv, Dh] (scan_layers=True)"
+    else:
+        ok = set(cache) == {f"block_{i}" for i in range(cfg.depth)}
+        want = f"{{'block_0' .. 'block_{cfg.depth - 1}'}} of {{'k', 'v'}} (scan_layers=False)"
+    if not ok:
+        got = {k: getattr(v, "shape", type(v).__name__) for k, v in cache.items()}
+        raise ValueError(f"the KV cache does not fit this stack: expected {want}, got {got}; make it with "
+                         "init_kv_cache(cfg, ...) for the same config")
 
 
 def stack_block_params(params: dict, depth: int) -> dict:
