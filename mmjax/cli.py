@@ -1,7 +1,7 @@
 """The `mmjax` command.
 
     mmjax train --config experiments/vit_digits.py --workdir runs/vit_digits [--config.KEY=VALUE ...]
-    mmjax bench [--out bench.json] [...]
+    mmjax bench [--model vit|clip] [...]
     mmjax bench-data [--name shapes] [...]
 """
 
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         from mmjax.data.bench import main as bench_data
         bench_data(argv[1:])
         return 0
+    if argv[:1] == ["bench"]:
+        from mmjax.bench import main as bench
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mmjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,12 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
     tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
-    bench = sub.add_parser("bench", help="ViT train-step benchmark (prints figures, writes JSON)")
-    bench.add_argument("--out", default="bench_vit.json")
-    bench.add_argument("--variants", default="S/16,B/16")
-    bench.add_argument("--image-size", type=int, default=224)
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--steps", type=int, default=3)
+    sub.add_parser("bench", help="train-step benchmarks: ViT, or CLIP vs HF CLIPModel (see mmjax bench --help)")
 
     rest, overrides = _split_overrides(argv)
     args = parser.parse_args(rest)
@@ -66,11 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if overrides:
         parser.error(f"--config.* overrides only apply to `train`: {overrides}")
-    if args.command == "bench":
-        from mmjax.bench import run_vit_bench
-        run_vit_bench(variants=args.variants.split(","), image_size=args.image_size,
-                      batch_size=args.batch_size, steps=args.steps, out=args.out)
-        return 0
     return 1
 
 

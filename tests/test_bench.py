@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from mmjax import bench
 from mmjax.models.vit import ViT, vit_config, vit_forward_flops
@@ -70,3 +71,57 @@ def test_vit_flops_formula_matches_xla_forward():
     xla = float(cost["flops"])
     ours = batch * vit_forward_flops(cfg)
     assert abs(ours - xla) / xla < 0.15, (ours, xla)
+
+
+def test_clip_bench_smoke_same_work_as_hf(tmp_path, capsys):
+    """Both sides of the CLIP benchmark on the micro config: the JSON fields, and the same loss at
+    step 0 (HF's weights loaded on our side, same batch, same CLIP loss) and after the AdamW
+    updates (the same optimizer on every param). Weights are perturbed (init_noise) so that a
+    mis-mapped bias or norm, or a wrong pooling position, shows in the loss."""
+    import numpy as np
+
+    out = tmp_path / "clip.json"
+    rc = bench.main(["--model", "clip", "--configs", "micro", "--steps", "1", "--warmup", "1", "--scan-modes", "off",
+                     "--init-noise", "0.2", "--peak-matmul-n", "256", "--no-isolate", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "micro" in printed and "ours/HF" in printed and f"wrote {out}" in printed
+
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "clip_train_step_vs_hf" and "non_finite" not in res
+    st = res["settings"]
+    assert st["configs"] == ["micro"] and st["steps"] == 1 and st["warmup"] == 1 and st["scan_modes"] == [False]
+    assert st["hf_attn_implementation"] == "sdpa" and st["dtype"] == "float32"
+    assert _positive_finite(res["peak"]["flops_per_s"]) and res["machine"]["jax_version"] == jax.__version__
+
+    (case,) = res["cases"]
+    spec = bench.CLIP_CONFIGS["micro"]
+    assert case["config"] == "micro" and case["batch_size"] == spec.batch_size and case["text_len"] == spec.text_len
+    assert case["hf_config"]["text_config"]["max_position_embeddings"] == spec.text_len
+    ours, hf = case["ours"], case["hf"]
+    assert hf["attn_implementation"] == "sdpa" and hf["torch_num_threads"] >= 1
+    for side in (ours, hf):
+        assert len(side["step_times_s"]) == 1 and side["step_s"] == side["step_times_s"][0]
+        for key in ("step_s", "images_per_s", "flops_formula", "achieved_flops_per_s", "mfu", "mfu_best_peak",
+                    "max_rss_bytes", "loss_step0", "last_loss"):
+            assert _positive_finite(side[key]), (key, side[key])
+        assert math.isclose(side["images_per_s"], spec.batch_size / side["step_s"], rel_tol=1e-9)
+    for key in ("compile_s", "flops_xla", "xla_bytes", "num_params"):
+        assert _positive_finite(ours[key]), (key, ours[key])
+    # The same model on both sides: the same number of params, the same FLOPs formula.
+    assert ours["num_params"] == hf["num_params"] == hf["num_trainable_params"]
+    assert ours["flops_formula"] == hf["flops_formula"]
+    assert math.isclose(case["ratio_ours_over_hf"], ours["images_per_s"] / hf["images_per_s"], rel_tol=1e-9)
+    # Not at chance level (log B): the perturbed weights make the check sensitive.
+    assert abs(hf["loss_step0"] - np.log(spec.batch_size)) > 0.05
+    assert abs(ours["loss_step0"] - hf["loss_step0"]) < 1e-4, (ours["loss_step0"], hf["loss_step0"])
+    assert case["loss_step0_abs_diff"] == abs(ours["loss_step0"] - hf["loss_step0"])
+    # One AdamW update later (lr 1e-3 on every param, Adam's first step moves each by ~lr): the loss
+    # moved, and moved the same way on both sides.
+    assert abs(hf["last_loss"] - hf["loss_step0"]) > 1e-3
+    assert abs(ours["last_loss"] - hf["last_loss"]) < 1e-3, (ours["last_loss"], hf["last_loss"])
+
+
+def test_clip_bench_rejects_unknown_config():
+    with pytest.raises(ValueError, match="unknown CLIP benchmark config 'XL/99'"):
+        bench.run_clip_bench(configs=("XL/99",), out=None, verbose=False)
