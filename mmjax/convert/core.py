@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import ConfigError, from_dict
-from mmjax.convert import hf_clip, hf_io, hf_vit
+from mmjax.convert import hf_clip, hf_io, hf_llama, hf_vit
 from mmjax.convert.family import Family, LoadOptions
 from mmjax.convert.rules import ConversionError, KeyDiffError, export_tensors, fmt_shape, import_tensors
 from mmjax.convert.tree import flatten, is_scanned, plain_params, scan_tree, unflatten, unscan_tree
 
-# Every family, explicitly (no string-based imports). Later: Llama, LLaVA.
-FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY, hf_clip.CLIP_FAMILY, hf_clip.SIGLIP_FAMILY)
+# Every family, explicitly (no string-based imports). Later: LLaVA.
+FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY, hf_clip.CLIP_FAMILY, hf_clip.SIGLIP_FAMILY, hf_llama.FAMILY)
 
 
 def supported() -> str:
