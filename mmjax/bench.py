@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -166,27 +167,111 @@ def _cost_figures(compiled) -> dict:
             "bytes_accessed_xla": float(cost.get("bytes accessed", float("nan")))}
 
 
-def time_steps(step: Callable[[], Any], loss_of: Callable[[Any], float], *, warmup: int, steps: int) -> dict:
-    """Runs `warmup` untimed then `steps` timed calls of `step` (each must return only when its
-    work is done); `loss_of(result)` is read outside the timed region.
+class LocalStepper:
+    """One side's train step, built (and compiled) and ready to time.
 
-    Returns {"loss_step0": the first call's loss (at the initial params), "last_loss",
+    step() runs one train step and returns only when its work is done; loss_of(result) reads the
+    step's loss (outside the timed region); figures() returns the side's static figures (sizes,
+    compile time, memory, ...) at the end of the run."""
+
+    def __init__(self, step: Callable[[], Any], loss_of: Callable[[Any], float], figures: Callable[[], dict]):
+        self._step, self._loss_of, self._figures = step, loss_of, figures
+
+    def timed_step(self) -> tuple[float, float]:
+        """→ (seconds, loss)."""
+        t = time.perf_counter()
+        out = self._step()
+        dt = time.perf_counter() - t
+        return dt, float(self._loss_of(out))
+
+    def figures(self) -> dict:
+        return self._figures()
+
+    def close(self) -> None:
+        pass
+
+
+def _serve(conn, builder: Callable[..., LocalStepper], kwargs: dict) -> None:
+    """The child's side of RemoteStepper: build, then answer "step" / "figures" until "close"."""
+    import traceback
+    try:
+        stepper = builder(**kwargs)
+        conn.send(("ok", None))
+        while (cmd := conn.recv()) != "close":
+            conn.send(("ok", stepper.timed_step() if cmd == "step" else stepper.figures()))
+    except BaseException:  # reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+
+
+class RemoteStepper:
+    """A LocalStepper built by `builder(**kwargs)` in a fresh spawned process, driven over a pipe:
+    its max RSS, compilation cache and thread pools are its own, and while another side steps it
+    waits idle in `recv`."""
+
+    def __init__(self, builder: Callable[..., LocalStepper], kwargs: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._what = getattr(builder, "__name__", str(builder))
+        self._proc = ctx.Process(target=_serve, args=(child, builder, kwargs), daemon=True)
+        self._proc.start()
+        child.close()
+        self._recv()
+
+    def _recv(self):
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the benchmark process for {self._what} died (exit code "
+                               f"{self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"the benchmark process for {self._what} failed:\n{value}")
+        return value
+
+    def timed_step(self) -> tuple[float, float]:
+        self._conn.send("step")
+        return tuple(self._recv())
+
+    def figures(self) -> dict:
+        self._conn.send("figures")
+        return self._recv()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._conn.send("close")
+            self._proc.join(30)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join()
+        self._conn.close()
+
+
+def time_interleaved(steppers: Sequence, *, warmup: int, steps: int) -> list[dict]:
+    """Times several sides under the same conditions: `warmup` untimed steps of each, then `steps`
+    rounds in which every side takes one timed step, the order reversed every other round (A B,
+    B A, ...) so that load from other processes falls on both sides alike.
+
+    Returns per side {"loss_step0": the first step's loss (at the initial params), "last_loss",
     "step_times_s": [steps], "step_s": their median}.
     """
     if warmup < 1:
         raise ValueError(f"warmup must be at least 1 (the first step pays one-off costs), got {warmup}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    first = loss_of(step())
+    n = len(steppers)
+    first = [s.timed_step()[1] for s in steppers]
     for _ in range(warmup - 1):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        out = step()
-        times.append(time.perf_counter() - t)
-    return {"loss_step0": first, "last_loss": loss_of(out), "step_times_s": times,
-            "step_s": statistics.median(times)}
+        for s in steppers:
+            s.timed_step()
+    times: list[list[float]] = [[] for _ in range(n)]
+    last = [math.nan] * n
+    for k in range(steps):
+        for i in (range(n) if k % 2 == 0 else reversed(range(n))):
+            dt, last[i] = steppers[i].timed_step()
+            times[i].append(dt)
+    return [{"loss_step0": first[i], "last_loss": last[i], "step_times_s": times[i],
+             "step_s": statistics.median(times[i])} for i in range(n)]
 
 
 def _throughput_figures(flops_per_example: float, batch_size: int, step_s: float, peak_flops: float) -> dict:
@@ -199,14 +284,21 @@ def _throughput_figures(flops_per_example: float, batch_size: int, step_s: float
             "mfu": mfu(flops_per_example, images_per_s, peak_flops, 1)}
 
 
-def jax_train_step_figures(task, cfg, local_batch: dict, *, steps: int, warmup: int, peak_flops: float,
-                           params=None) -> dict:
-    """Builds, compiles and times the library's train step for `task` on a one-device mesh.
+def _side_result(static: dict, timing: dict, batch_size: int, peak_flops: float) -> dict:
+    """A side's figures: its static ones, its timing and the throughput derived from them."""
+    return {**static, **timing,
+            **_throughput_figures(static["flops_per_example"], batch_size, timing["step_s"], peak_flops)}
+
+
+def jax_train_stepper(task, cfg, local_batch: dict, *, params=None, extra_figures: dict | None = None
+                      ) -> LocalStepper:
+    """Builds and compiles the library's train step for `task` on a one-device mesh.
 
     The state is born sharded as in the training loop; from `params` (a plain param tree, e.g.
     from `load_pretrained`) when given, else from `task.init_params`. local_batch: the task's
-    batch as numpy arrays, global batch = its leading dim. Returns compile / step / memory / FLOPs
-    figures (see the module docstring).
+    batch as numpy arrays, global batch = its leading dim. figures(): sizes, init / lower /
+    compile times, FLOPs (formula and XLA's), XLA memory and RSS (see the module docstring),
+    after `extra_figures`.
     """
     import flax.linen as nn
 
@@ -253,26 +345,18 @@ def jax_train_step_figures(task, cfg, local_batch: dict, *, steps: int, warmup: 
         jax.block_until_ready((state, metrics))
         return metrics
 
-    timing = time_steps(one_step, lambda m: float(m["loss"]), warmup=warmup, steps=steps)
-    flops_per_example = task.train_flops_per_example()
-    flops_formula = flops_per_example * batch_size
-    cost = _cost_figures(compiled)
-    return {
-        "num_params": n_params,
-        "init_s": init_s,
-        "lower_s": t1 - t0,
-        "compile_only_s": t2 - t1,
-        "compile_s": t2 - t0,  # lower + compile
-        **timing,
-        "flops_per_example": flops_per_example,
-        "flops_formula": flops_formula,
-        **cost,
-        "xla_over_formula": cost["flops_xla"] / flops_formula,
-        **_throughput_figures(flops_per_example, batch_size, timing["step_s"], peak_flops),
-        **_memory_figures(compiled),
-        "rss_at_start_bytes": rss_start,
-        "max_rss_bytes": _max_rss_bytes(),
-    }
+    def figures():
+        flops_per_example = task.train_flops_per_example()
+        flops_formula = flops_per_example * batch_size
+        cost = _cost_figures(compiled)
+        return {**(extra_figures or {}), "num_params": n_params, "init_s": init_s, "lower_s": t1 - t0,
+                "compile_only_s": t2 - t1,
+                "compile_s": t2 - t0,  # lower + compile
+                "flops_per_example": flops_per_example, "flops_formula": flops_formula, **cost,
+                "xla_over_formula": cost["flops_xla"] / flops_formula, **_memory_figures(compiled),
+                "rss_at_start_bytes": rss_start, "max_rss_bytes": _max_rss_bytes()}
+
+    return LocalStepper(one_step, lambda m: float(m["loss"]), figures)
 
 
 def _isolated(fn: Callable[..., dict], kwargs: dict) -> dict:
@@ -280,10 +364,6 @@ def _isolated(fn: Callable[..., dict], kwargs: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(fn, **kwargs).result()
-
-
-def _run(fn: Callable[..., dict], kwargs: dict, isolate: bool) -> dict:
-    return _isolated(fn, kwargs) if isolate else fn(**kwargs)
 
 
 def _add_best_peak(obj, best_peak: float) -> None:
@@ -395,7 +475,9 @@ def bench_case(variant: str, *, scan: bool, image_size: int = 224, batch_size: i
     rng = np.random.default_rng(seed)
     local = {"image": rng.standard_normal((batch_size, image_size, image_size, 3), np.float32),
              "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
-    figs = jax_train_step_figures(task, cfg, local, steps=steps, warmup=1, peak_flops=peak_flops)
+    stepper = jax_train_stepper(task, cfg, local)
+    (timing,) = time_interleaved([stepper], warmup=1, steps=steps)
+    figs = _side_result(stepper.figures(), timing, batch_size, peak_flops)
     assert figs["flops_per_example"] == 3.0 * vit_forward_flops(cfg.model)
     result = {
         "variant": variant,
@@ -447,7 +529,7 @@ def format_table(results: dict) -> str:
 
 def _vit_case(kwargs: dict) -> dict:
     isolate = kwargs.pop("isolate")
-    r = _run(bench_case, kwargs, isolate)
+    r = _isolated(bench_case, kwargs) if isolate else bench_case(**kwargs)
     r["isolated_process"] = isolate
     return r
 
@@ -571,21 +653,22 @@ def _clip_spec(name: str) -> ClipBenchConfig:
     return CLIP_CONFIGS[name]
 
 
-def hf_clip_side(config: str, *, checkpoint_dir: str, batch_size: int, steps: int, warmup: int,
-                 peak_flops: float, seed: int = 0, attn_implementation: str = "sdpa",
-                 init_noise: float = 0.0) -> dict:
+def hf_clip_stepper(config: str, *, checkpoint_dir: str, batch_size: int, seed: int = 0,
+                    attn_implementation: str = "sdpa", init_noise: float = 0.0) -> LocalStepper:
     """Builds a random HF `CLIPModel` (torch.manual_seed(seed)), saves it to `checkpoint_dir`
-    (safetensors), then times its fp32 train step: forward with return_loss=True, backward,
-    torch.optim.AdamW. init_noise > 0 adds N(0, init_noise²) to every weight first (tests: HF's
-    init leaves biases at 0 and norms at 1, which would hide a mis-mapped one)."""
+    (safetensors) for our side to load, and returns its fp32 train step: forward with
+    return_loss=True, backward, torch.optim.AdamW. init_noise > 0 adds N(0, init_noise²) to every
+    weight first (tests: HF's init leaves biases at 0 and norms at 1, which would hide a
+    mis-mapped one)."""
     import torch
     import transformers
+
+    from mmjax.tasks.contrastive import ContrastiveTask
 
     transformers.utils.logging.disable_progress_bar()
     spec = _clip_spec(config)
     rss_start = _current_rss_bytes()
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
     hf_cfg = transformers.CLIPConfig(**spec.hf_config())
     model = transformers.CLIPModel._from_config(hf_cfg, attn_implementation=attn_implementation)
@@ -598,8 +681,6 @@ def hf_clip_side(config: str, *, checkpoint_dir: str, batch_size: int, steps: in
                     p.add_(init_noise * torch.randn(p.shape, generator=g))
     model.save_pretrained(checkpoint_dir)
     model.train()  # dropout probabilities are all 0: train mode only selects the training code path
-    n_params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW(model.parameters(), lr=CLIP_LR, betas=CLIP_BETAS, eps=CLIP_EPS,
                             weight_decay=CLIP_WEIGHT_DECAY)
 
@@ -616,27 +697,26 @@ def hf_clip_side(config: str, *, checkpoint_dir: str, batch_size: int, steps: in
         opt.step()
         return out.loss.detach()
 
-    timing = time_steps(one_step, float, warmup=warmup, steps=steps)
-    from mmjax.tasks.contrastive import ContrastiveTask
-    flops_per_example = _clip_flops_per_example(ContrastiveTask, spec)
-    return {
-        "attn_implementation": model.config._attn_implementation,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
-        "optimizer": (f"torch.optim.AdamW(lr={CLIP_LR}, betas={CLIP_BETAS}, eps={CLIP_EPS}, "
-                      f"weight_decay={CLIP_WEIGHT_DECAY}) on every param, defaults otherwise"),
-        "num_params": int(n_params),
-        "num_trainable_params": int(trainable),
-        **timing,
-        "flops_per_example": flops_per_example,
-        "flops_formula": flops_per_example * batch_size,
-        **_throughput_figures(flops_per_example, batch_size, timing["step_s"], peak_flops),
-        "rss_at_start_bytes": rss_start,
-        "max_rss_bytes": _max_rss_bytes(),
-    }
+    def figures():
+        flops_per_example = _clip_flops_per_example(ContrastiveTask, spec)
+        return {
+            "attn_implementation": model.config._attn_implementation,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "torch_num_threads": torch.get_num_threads(),
+            "torch_num_interop_threads": torch.get_num_interop_threads(),
+            "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+            "optimizer": (f"torch.optim.AdamW(lr={CLIP_LR}, betas={CLIP_BETAS}, eps={CLIP_EPS}, "
+                          f"weight_decay={CLIP_WEIGHT_DECAY}) on every param, defaults otherwise"),
+            "num_params": int(sum(p.numel() for p in model.parameters())),
+            "num_trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+            "flops_per_example": flops_per_example,
+            "flops_formula": flops_per_example * batch_size,
+            "rss_at_start_bytes": rss_start,
+            "max_rss_bytes": _max_rss_bytes(),
+        }
+
+    return LocalStepper(one_step, float, figures)
 
 
 def _clip_experiment(model_cfg, spec: ClipBenchConfig, batch_size: int, steps: int, seed: int):
@@ -664,37 +744,45 @@ def _clip_flops_per_example(task_cls, spec: ClipBenchConfig) -> float:
     return task_cls(cfg).train_flops_per_example()
 
 
-def ours_clip_side(config: str, *, checkpoint_dir: str, scan: bool, batch_size: int, steps: int, warmup: int,
-                   peak_flops: float, seed: int = 0) -> dict:
-    """Loads the HF checkpoint with `mmjax.load_pretrained` and times our contrastive task's
-    jitted AdamW train step on the same batch."""
+def ours_clip_stepper(config: str, *, checkpoint_dir: str, scan: bool, batch_size: int, total_steps: int,
+                      seed: int = 0) -> LocalStepper:
+    """Loads the HF checkpoint with `mmjax.load_pretrained` and returns our contrastive task's
+    jitted AdamW train step (compiled) on the same batch."""
     from mmjax import load_pretrained
     from mmjax.config import to_dict
     from mmjax.tasks.contrastive import ContrastiveTask
 
     spec = _clip_spec(config)
     model, params = load_pretrained(checkpoint_dir, scan_layers=scan)
-    cfg = _clip_experiment(model.cfg, spec, batch_size, steps + warmup, seed)
-    task = ContrastiveTask(cfg)
-    figs = jax_train_step_figures(task, cfg, clip_batch(spec, batch_size, seed), steps=steps, warmup=warmup,
-                                  peak_flops=peak_flops, params=params)
-    out = {"mmjax_config": to_dict(model.cfg), **figs}
-    if scan:
-        out["note"] = _SCAN_NOTE
-    return out
+    cfg = _clip_experiment(model.cfg, spec, batch_size, total_steps, seed)
+    extra = {"mmjax_config": to_dict(model.cfg), **({"note": _SCAN_NOTE} if scan else {})}
+    return jax_train_stepper(ContrastiveTask(cfg), cfg, clip_batch(spec, batch_size, seed), params=params,
+                             extra_figures=extra)
 
 
 def clip_case(config: str, *, scan: bool, batch_size: int | None = None, steps: int = 5, warmup: int = 2,
               peak_flops: float, seed: int = 0, attn_implementation: str = "sdpa", isolate: bool = True,
               init_noise: float = 0.0) -> dict:
-    """One CLIP config: HF's step (which also writes the shared checkpoint), then ours from it."""
+    """One CLIP config: HF's side is built first (it writes the shared checkpoint), then ours from
+    that checkpoint; then both are timed interleaved (`time_interleaved`)."""
     spec = _clip_spec(config)
     batch_size = batch_size or spec.batch_size
-    common = {"batch_size": batch_size, "steps": steps, "warmup": warmup, "peak_flops": peak_flops, "seed": seed}
+    build = RemoteStepper if isolate else (lambda builder, kwargs: builder(**kwargs))
     with tempfile.TemporaryDirectory(prefix="mmjax_bench_clip_") as ckpt:
-        hf = _run(hf_clip_side, {"config": config, "checkpoint_dir": ckpt, "attn_implementation": attn_implementation,
-                                 "init_noise": init_noise, **common}, isolate)
-        ours = _run(ours_clip_side, {"config": config, "checkpoint_dir": ckpt, "scan": scan, **common}, isolate)
+        sides = []
+        try:
+            sides.append(build(hf_clip_stepper, {"config": config, "checkpoint_dir": ckpt, "batch_size": batch_size,
+                                                 "seed": seed, "attn_implementation": attn_implementation,
+                                                 "init_noise": init_noise}))
+            sides.append(build(ours_clip_stepper, {"config": config, "checkpoint_dir": ckpt, "scan": scan,
+                                                   "batch_size": batch_size, "total_steps": warmup + steps,
+                                                   "seed": seed}))
+            hf_t, ours_t = time_interleaved(sides, warmup=warmup, steps=steps)
+            hf = _side_result(sides[0].figures(), hf_t, batch_size, peak_flops)
+            ours = _side_result(sides[1].figures(), ours_t, batch_size, peak_flops)
+        finally:
+            for side in sides:
+                side.close()
     return {
         "config": config,
         "scan_layers": scan,
@@ -780,6 +868,9 @@ def run_clip_bench(configs: Sequence[str] = ("tiny", "S/16"), batch_size: int | 
                      "optimizer": {"name": "adamw", "lr": CLIP_LR, "betas": list(CLIP_BETAS), "eps": CLIP_EPS,
                                    "weight_decay": CLIP_WEIGHT_DECAY, "weight_decay_on": "every param",
                                    "grad_clip": None, "schedule": "constant"}},
+        "timing": ("each side in its own process (isolate) or both in this one; `warmup` untimed steps "
+                   "of each, then `steps` rounds of one timed step per side, the order reversed every "
+                   "other round, so that other load on the machine falls on both alike; median per side"),
         "same_work": ("both sides: the same HF CLIPConfig (ours loaded from HF's save_pretrained checkpoint "
                       "with mmjax.load_pretrained, so the same initial weights), the same batch (images, "
                       "token ids padded to text_len, padding mask from text_len, EOS pooling), CLIP's "
