@@ -26,6 +26,11 @@ API (stable; mmjax/decode.py and the LM task build on it):
   returns     logits [B, T, V] (compute dtype) and aux: "hidden" [B, T, D] (final-normed),
               "cache" (the updated cache, when one was passed), "blocks" [depth, B, T, D] (asked).
 
+  Also: `model.apply(v, ids, method=LM.embed)` → [B, T, D]; `model.apply(v, hidden, method=LM.logits)`
+  → [B, T, V]. A concrete cache_index is checked (t + T ≤ S); a traced one cannot be (the
+  cache write would clamp), so a jitted decode loop must keep its bounds. The loss for training
+  is `mmjax.objectives.lm.lm_cross_entropy(logits, targets, weights, z_loss=...)`.
+
 Masks are built with the one helper `make_attention_mask`: causal (q_offset = cache_index with a
 cache), optionally prefix-LM, and padding keys from kv_valid.
 
