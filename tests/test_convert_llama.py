@@ -172,6 +172,6 @@ def test_export_refuses_what_llama_cannot_hold(tmp_path):
     enc = TransformerConfig(width=32, depth=1, num_heads=4, mlp_dim=64, activation="swiglu", norm="rmsnorm",
                             use_bias=False, rope_base=1e4, qk_norm="rmsnorm")
     model = LM(LMConfig(vocab_size=20, max_len=16, encoder=enc))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     with pytest.raises(ConversionError, match="qk_norm"):
         save_pretrained(model, params, tmp_path / "x")

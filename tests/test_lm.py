@@ -33,7 +33,7 @@ def _scanned(cfg):
 @pytest.fixture(scope="module")
 def lm():
     model = LM(CFG)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
     # Random norm scales (init is all ones, which would hide a norm applied to the wrong tensor).
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
@@ -147,7 +147,7 @@ def test_embeddings_input_and_tied_head():
     cfg = dataclasses.replace(CFG, tie_embeddings=True)
     model = LM(cfg)
     ids = jnp.asarray(np.random.default_rng(4).integers(0, V, size=(2, 5)), jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(1), ids))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), ids))["params"]
     assert "head" not in params and params["token_embedding"].shape == (V, D)
     logits, aux = model.apply({"params": params}, ids)
     emb = model.apply({"params": params}, ids, method=LM.embed)
