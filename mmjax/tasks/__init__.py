@@ -8,10 +8,12 @@ from __future__ import annotations
 from mmjax.tasks.base import Task
 from mmjax.tasks.classification import ClassificationTask
 from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.tasks.lm import LMTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "contrastive": ContrastiveTask,
+    "lm": LMTask,
 }
 
 
@@ -21,4 +23,4 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "ClassificationTask", "Task", "get_task_class"]
+__all__ = ["TASKS", "ClassificationTask", "ContrastiveTask", "LMTask", "Task", "get_task_class"]
