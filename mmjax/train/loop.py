@@ -185,7 +185,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                         last_eval = task.evaluate(state.params, state.extra, mesh)
                         writer.write(s, last_eval, prefix="eval/")
                         if bar is not None:
-                            bar.write(f"step {s}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+                            # Numbers only: text results (an LM's sampled captions) go to the files.
+                            bar.write(f"step {s}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()
+                                                                     if isinstance(v, (int, float))))
                     if ckpt_due:
                         ckpt.save(s, state, data_iterator=train_iter, config=cfg_dict)
                     tick, tick_step = time.perf_counter(), s
