@@ -187,13 +187,15 @@ class Generation(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new: int, cache_len: int,
-                       embeds: bool, greedy_: bool, top_k: int | None, use_top_p: bool,
-                       token_range: tuple[int, int] | None, disallowed_ids: tuple[int, ...], guided: bool,
-                       eos_id: int | None, pad_id: int, cache_dtype: str, mesh: Mesh | None, rules):
+                       embeds: bool, greedy_: bool, top_k: int | None, use_top_p: bool, guided: bool,
+                       cache_dtype: str, mesh: Mesh | None, rules):
     """The jitted generation loop for one set of static shapes and sampler structure.
 
     f(params, inputs [R, T0] ids or [R, T0, D] embeddings (right-padded), lengths [R], key,
-      temperature, top_p, cfg_scale) → (tokens [B, N], n_generated [B]); R = 2B when guided.
+      temperature, top_p, cfg_scale, allowed [V] bool, eos_id (−1: none), pad_id)
+      → (tokens [B, N], n_generated [B]); R = 2B when guided.
+    Values that only change numbers (not shapes or the sampler's structure) are runtime inputs, so
+    changing them does not recompile.
     """
     cfg = model.cfg
     b = rows // 2 if guided else rows
@@ -210,15 +212,15 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
             last = logits[:, -1]
         return last, aux["cache"]
 
-    def pick(key, logits, temperature, top_p, cfg_scale):
+    def pick(key, logits, temperature, top_p, cfg_scale, allowed):
         if guided:
             logits = split_guided(logits, cfg_scale)
+        logits = jnp.where(allowed, logits.astype(jnp.float32), NEG_INF)  # the constraint mask comes first
         if greedy_:
-            return greedy(logits, token_range=token_range, disallowed_ids=disallowed_ids)
-        return sample(key, logits, temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None,
-                      token_range=token_range, disallowed_ids=disallowed_ids)
+            return greedy(logits)
+        return sample(key, logits, temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None)
 
-    def run(params, inputs, lengths, key, temperature, top_p, cfg_scale):
+    def run(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id):
         # Left-align every row: slot j of row r holds prompt token j − pad_r (pads first).
         pad = t0 - lengths                                                    # [R]
         src = jnp.arange(t0)[None, :] - pad[:, None]                          # [R, T0]
@@ -236,8 +238,8 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         if mesh is not None:
             cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cfg, mesh, rows, s, rules))
         logits, cache = last_logits(params, x, positions=positions, kv_valid=kv_valid, cache=cache, cache_index=0)
-        tok = pick(jax.random.fold_in(key, 0), logits, temperature, top_p, cfg_scale)          # [B]
-        done = tok == eos_id if eos_id is not None else jnp.zeros((b,), bool)
+        tok = pick(jax.random.fold_in(key, 0), logits, temperature, top_p, cfg_scale, allowed)  # [B]
+        done = tok == eos_id                                                  # eos_id −1 never matches
         out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
         n_gen = jnp.ones((b,), jnp.int32)
 
@@ -251,12 +253,11 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
             pos = (lengths + i - 1).astype(jnp.int32)[:, None]                                  # [R, 1]
             logits, cache = last_logits(params, feed[:, None], positions=pos, kv_valid=kv_valid, cache=cache,
                                         cache_index=t0 + i - 1)
-            new = pick(jax.random.fold_in(key, i), logits, temperature, top_p, cfg_scale)
+            new = pick(jax.random.fold_in(key, i), logits, temperature, top_p, cfg_scale, allowed)
             new = jnp.where(done, pad_id, new)                   # a finished row emits (and is fed) pad
             out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
             n_gen = n_gen + (~done).astype(jnp.int32)
-            if eos_id is not None:
-                done = done | (new == eos_id)
+            done = done | (new == eos_id)
             return i + 1, cache, new, done, out, n_gen
 
         state = (jnp.int32(1), cache, tok, done, out, n_gen)
@@ -362,8 +363,9 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
     Returns:
       `Generation(sequences, tokens [B, N], lengths [B])`, numpy; see its docstring.
 
-    One compile per (B, T0, N, S, sampler structure, mesh); temperature, top_p and cfg_scale values are
-    runtime inputs and do not recompile.
+    One compile per (B, T0, N, S, sampler structure: greedy or not, top_k, top_p on/off, guided; mesh).
+    temperature, top_p, cfg_scale, token_range, disallowed_ids, eos_id and pad_id are runtime inputs:
+    changing them does not recompile.
     """
     cfg = getattr(model, "cfg", None)
     if cfg is None or not all(hasattr(cfg, a) for a in ("vocab_size", "max_len", "encoder")):
@@ -434,13 +436,17 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
     fn = _compiled_generate(
         model, rows=int(arr.shape[0]), prompt_len=t0, max_new=int(max_new_tokens), cache_len=int(cache_len),
         embeds=bool(embeds), greedy_=temperature == 0, top_k=None if top_k is None else int(top_k),
-        use_top_p=top_p is not None and top_p < 1.0, token_range=None if token_range is None else tuple(map(
-            int, token_range)), disallowed_ids=tuple(int(i) for i in (disallowed_ids or ())), guided=guided,
-        eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id), cache_dtype=cache_dtype, mesh=mesh,
+        use_top_p=top_p is not None and top_p < 1.0, guided=guided, cache_dtype=cache_dtype, mesh=mesh,
         rules=None if rules is None else tuple(rules))
     key = jax.random.key(0) if rng is None else rng
+    allowed = np.ones((vocab,), bool)
+    if token_range is not None:
+        allowed[: token_range[0]] = allowed[token_range[1]:] = False
+    if disallowed_ids is not None:
+        allowed[np.asarray(disallowed_ids, np.int64)] = False
     runtime = (jnp.float32(temperature or 1.0), jnp.float32(1.0 if top_p is None else top_p),
-               jnp.float32(0.0 if cfg_scale is None else cfg_scale))
+               jnp.float32(0.0 if cfg_scale is None else cfg_scale), allowed,
+               jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
     if mesh is None:
         out, n_gen = fn(params, arr, lens, key, *runtime)
     else:
