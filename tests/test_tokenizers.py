@@ -371,3 +371,43 @@ def test_describe_is_json_and_tokenizers_pickle(bpe, sp_model):
         s = "a red <image> circle 🐱"
         assert clone.encode(s) == tok.encode(s) and clone.vocab_size == tok.vocab_size
     assert {t.describe()["type"] for t in toks} == {"bytes", "hf", "sentencepiece"}
+
+
+def test_dataset_bpe_spec_trains_once_and_feeds_the_pipeline(digits_dir):
+    """"bpe:<dataset>:<vocab>" trains on the train split's text once, caches it in the data dir,
+    and the pipeline tokenises with exactly that tokenizer."""
+    import os
+
+    from mmjax.data import pipeline
+    from mmjax.data.config import DataConfig
+    from mmjax.data.digits import caption_for
+    from mmjax.data.registry import resolve_tokenizer
+    from mmjax.data.tokenizers import load_tokenizer
+
+    path = resolve_tokenizer("bpe:digits:300", digits_dir, "caption")
+    assert path.startswith(digits_dir) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+    stamp = os.path.getmtime(os.path.join(path, "tokenizer.json"))
+    assert resolve_tokenizer("bpe:digits:300", digits_dir, "caption") == path
+    assert os.path.getmtime(os.path.join(path, "tokenizer.json")) == stamp  # not trained again
+    tok = load_tokenizer(path)
+    assert 256 + 4 <= tok.vocab_size <= 300
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    seven = caption_for(7)
+    assert tok.decode(tok.encode(seven)) == seven
+    assert len(tok.encode(seven)) < len(seven.encode()) // 3  # merges learnt from the captions
+
+    cfg = DataConfig(name="digits", data_dir=digits_dir, text_field="caption", tokenizer="bpe:digits:300",
+                     max_text_len=16)
+    batch = next(iter(pipeline.eval_batches(cfg, split="test", global_batch_size=4)))
+    for ids, n, label in zip(batch["text_ids"], batch["text_len"], batch["label"]):
+        assert list(ids[:n]) == tok.encode(caption_for(int(label)), add_eos=True)
+        assert (ids[n:] == tok.pad_id).all()
+
+    assert resolve_tokenizer("bytes", digits_dir, "caption") == "bytes"  # other specs pass through
+    for bad in ("bpe:digits", "bpe::300", "bpe:digits:many"):
+        with pytest.raises(ValueError, match="bpe:<dataset>:<vocab_size>"):
+            resolve_tokenizer(bad, digits_dir, "caption")
+    with pytest.raises(ValueError, match="text_field"):
+        resolve_tokenizer("bpe:digits:300", digits_dir, None)
+    with pytest.raises(ValueError, match="no text field 'title'"):
+        resolve_tokenizer("bpe:digits:301", digits_dir, "title")

@@ -39,7 +39,8 @@ class DataConfig:
     # image resized to S = image_size, then a g×g grid of tiles of the image at g·S resolution.
     multi_crop_grid: int = 0
     # Text: which example field to tokenise (None: no text), with which tokenizer ("bytes", a
-    # tokenizer.json path or a sentencepiece .model path), to how many ids (padded/truncated).
+    # tokenizer.json path, a sentencepiece .model path, or "bpe:<dataset>:<vocab_size>": a BPE
+    # trained once on that dataset's train text and cached in data_dir), to how many ids.
     text_field: str | None = None
     # Numeric features passed through as they are (e.g. shapes' "color", "num_objects" labels).
     extra_fields: tuple[str, ...] = ()

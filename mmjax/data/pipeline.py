@@ -75,6 +75,17 @@ def _check_config(cfg: DataConfig) -> None:
             raise ValueError(f"mixture weight for {name!r} must be positive, got {weight}")
 
 
+def tokenizer_spec(cfg: DataConfig) -> str:
+    """The local spec of `cfg.tokenizer` ("bpe:<dataset>:<vocab>" is trained on first use, see
+    `registry.resolve_tokenizer`)."""
+    return registry.resolve_tokenizer(cfg.tokenizer, cfg.data_dir, cfg.text_field)
+
+
+def tokenizer_for(cfg: DataConfig):
+    """The tokenizer the pipeline tokenises `cfg.text_field` with (one instance per process)."""
+    return transforms._tokenizer(tokenizer_spec(cfg))
+
+
 def _skips(cfg: DataConfig) -> bool:
     """Whether examples may be dropped (then batches form after the drop, per process)."""
     return cfg.on_bad_example == "skip" or cfg.on_long_text == "skip"
@@ -92,7 +103,7 @@ def _finish(cfg: DataConfig, ds: grain.MapDataset) -> grain.MapDataset:
         ds = ds.map(transforms.MultiCrop(cfg.image_size, cfg.multi_crop_grid))
     ds = ds.map(transforms.ToValueRange(cfg.value_range))
     if cfg.text_field is not None:
-        tok = transforms.TokenizeText(cfg.tokenizer, cfg.max_text_len, cfg.text_add_bos, cfg.text_add_eos,
+        tok = transforms.TokenizeText(tokenizer_spec(cfg), cfg.max_text_len, cfg.text_add_bos, cfg.text_add_eos,
                                       cfg.on_long_text)
         ds = ds.map(transforms.GuardBad(tok, "skip" if cfg.on_long_text == "skip" else "error"))
     return ds

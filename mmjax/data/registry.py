@@ -124,3 +124,55 @@ def open_split(name: str, split: str,
                          f"{', '.join(available)}")
     # TFDS raises a clear error itself when the files are not in a random-access format.
     return builder.as_data_source(split=split)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers trained on a dataset's own text
+
+BPE_SPEC = "bpe:<dataset>:<vocab_size>"
+
+
+def _parse_bpe_spec(spec: str) -> tuple[str, int]:
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] != "bpe" or not parts[1] or not parts[2].isdigit():
+        raise ValueError(f"tokenizer spec {spec!r} is not of the form {BPE_SPEC} (e.g. 'bpe:shapes:512')")
+    return parts[1], int(parts[2])
+
+
+def resolve_tokenizer(spec: str, data_dir: str | os.PathLike | None = None,
+                      text_field: str | None = None) -> str:
+    """A tokenizer spec that `load_tokenizer` reads: `spec` itself, except for dataset BPE specs.
+
+    "bpe:<dataset>:<vocab_size>" means a byte-level BPE (`train_bpe`) trained on the `text_field`
+    of the dataset's train split. It is trained once, under a file lock, into
+    `<data_dir>/tokenizers/<dataset>-<field>-bpe<vocab_size>/` and returned as that directory, so
+    every later run (and every data worker) reads the same files. Special tokens: <pad>=0, <bos>=1,
+    <eos>=2, <unk>=3. Training is deterministic: the same data give the same tokenizer.
+    """
+    if not isinstance(spec, str) or not spec.startswith("bpe:"):
+        return spec
+    name, vocab_size = _parse_bpe_spec(spec)
+    if not text_field:
+        raise ValueError(f"tokenizer spec {spec!r} trains on a text field: set DataConfig.text_field")
+    data_dir = ensure_prepared(name, data_dir)
+    out = os.path.join(data_dir, "tokenizers", f"{name.replace('/', '_')}-{text_field}-bpe{vocab_size}")
+    if os.path.isfile(os.path.join(out, "tokenizer.json")):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with _file_lock(out + ".lock"):
+        if not os.path.isfile(os.path.join(out, "tokenizer.json")):
+            from mmjax.data.tokenizers import train_bpe
+            source = open_split(name, "train", data_dir)
+            if text_field not in source[0]:
+                raise ValueError(f"dataset '{name}' has no text field {text_field!r} to train {spec!r} on; "
+                                 f"fields: {sorted(source[0])}")
+
+            def texts():
+                for i in range(len(source)):
+                    t = source[i][text_field]
+                    yield t.decode("utf-8") if isinstance(t, bytes) else str(t)
+
+            tmp = f"{out}.tmp{os.getpid()}"
+            train_bpe(texts(), vocab_size, tmp)
+            os.replace(tmp, out)  # readers never see a half-written tokenizer
+    return out

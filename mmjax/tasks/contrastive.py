@@ -112,9 +112,9 @@ class ContrastiveTask(Task):
 
     # ------------------------------------------------------------------ evaluation
     def _embed_texts(self, params, texts: list[str]) -> np.ndarray:
-        from mmjax.data.transforms import _tokenizer
+        from mmjax.data.pipeline import tokenizer_for
         d = self.cfg.data
-        tok = _tokenizer(d.tokenizer)
+        tok = tokenizer_for(d)
         ids, lengths = tok.encode_batch(texts, max_len=d.max_text_len, add_bos=d.text_add_bos, add_eos=d.text_add_eos)
         if not hasattr(self, "_text_step"):
             def f(params, ids, lengths):
