@@ -9,6 +9,16 @@ BOS + caption + EOS; the loss is the next-token cross-entropy on every real toke
 `test` (scenes never seen in training) by held-out perplexity, against the perplexity of a
 unigram model of the train tokens on the same test tokens, and by sampled captions (greedy and
 temperature 0.8 / top-p 0.9, from BOS and from a few prefixes) written into results.json.
+
+Measured (400 steps of 64 captions, 2-core CPU shared with other jobs, load average ~7, so the
+time is noisy): test perplexity 3.00 (token accuracy 51.2%) against a unigram perplexity of 36.5
+(36.47 even for a unigram fitted on the test tokens themselves); 6 min 42 s wall for the whole
+run including the unigram count, two evaluations with samples and compiles (2 min 53 s of user CPU
+time). The training loss flattens after ~250 steps (1.14 → 1.11). Sampled captions read like the
+dataset's ("three objects: a large orange circle is in the bottom left corner, in the top right
+corner there is a large blue triangle and in the top left there is a large cyan cross"), though
+some break its rules (two objects in one cell; "a red cross in orange"); greedy ones loop on the
+most likely phrase ("a large cyan diamond is in the bottom right corner ...").
 """
 
 from mmjax.data.config import DataConfig
@@ -40,8 +50,8 @@ def get_config() -> ExperimentConfig:
             unigram_reference=True),
         data=DataConfig(name="shapes", train_split="train", eval_split="test", text_field="caption",
                         tokenizer=TOKENIZER, max_text_len=MAX_LEN, text_add_bos=True, text_add_eos=True),
-        optim=OptimConfig(name="adamw", peak_lr=3e-3, warmup_steps=100, schedule="cosine", end_lr_ratio=0.05,
+        optim=OptimConfig(name="adamw", peak_lr=3e-3, warmup_steps=40, schedule="cosine", end_lr_ratio=0.05,
                           b2=0.98, weight_decay=0.1, grad_clip_norm=1.0),
-        train=TrainConfig(steps=1200, batch_size=64, eval_batch_size=500, log_every=100,
-                          eval_every=400, checkpoint_every=600, keep_checkpoints=1),
+        train=TrainConfig(steps=400, batch_size=64, eval_batch_size=500, log_every=50,
+                          eval_every=200, checkpoint_every=0, keep_checkpoints=1),
     )

@@ -187,7 +187,8 @@ class LMTask(Task):
 
 def unigram_reference(data) -> dict[str, float]:
     """Perplexity of unigram models on the eval split's target tokens (every token after BOS,
-    EOS included: the tokens the LM is scored on), tokenised exactly as the pipeline does.
+    EOS included: the tokens the LM is scored on), tokenised exactly as the pipeline does (same
+    truncation; texts the pipeline would skip as too long are left out).
 
         unigram_perplexity         p(t) = (count_train(t) + 1) / (N_train + V)   (add-one, V = tokenizer vocab)
         unigram_perplexity_oracle  p(t) = count_eval(t) / N_eval  (fitted on the eval tokens themselves:
@@ -195,14 +196,17 @@ def unigram_reference(data) -> dict[str, float]:
     """
     from mmjax.data import pipeline, registry, transforms
     tokenize = transforms.TokenizeText(pipeline.tokenizer_spec(data), data.max_text_len, data.text_add_bos,
-                                       data.text_add_eos, "truncate")
+                                       data.text_add_eos, data.on_long_text)
     vocab = pipeline.tokenizer_for(data).vocab_size
 
     def counts(split: str) -> np.ndarray:
         source = registry.open_split(data.name, split, data.data_dir)
         out = np.zeros(vocab, np.int64)
         for i in range(len(source)):
-            ex = tokenize.map({"text": source[i][data.text_field]})
+            try:
+                ex = tokenize.map({"text": source[i][data.text_field]})
+            except transforms.BadExample:  # too long under on_long_text="skip"/"error": not scored either
+                continue
             n = int(ex["text_len"])
             np.add.at(out, ex["text_ids"][1:n], 1)
         return out
