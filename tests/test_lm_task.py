@@ -53,14 +53,15 @@ def _config(data_dir, **loss) -> ExperimentConfig:
         data=DataConfig(name="shapes", data_dir=data_dir, text_field="caption", tokenizer=TOKENIZER,
                         max_text_len=MAX_LEN, text_add_bos=True, text_add_eos=True),
         optim=OptimConfig(peak_lr=3e-3, warmup_steps=5, weight_decay=0.0),
-        train=TrainConfig(steps=STEPS, batch_size=16, eval_batch_size=32, log_every=5, eval_every=0,
-                          checkpoint_every=0, progress=False, peak_flops_per_device=1e11),
+        train=TrainConfig(steps=STEPS, batch_size=16, eval_batch_size=32, log_every=5, eval_every=STEPS // 2,
+                          checkpoint_every=0, progress=True, peak_flops_per_device=1e11),
     )
 
 
 @pytest.fixture(scope="module")
 def run(shapes_dir, tmp_path_factory):
-    """One short training run through the real loop (shared by the tests below)."""
+    """One short training run through the real loop (shared by the tests below), with the progress
+    bar on: its eval line must cope with the text results (samples)."""
     from mmjax.train.loop import train
     workdir = tmp_path_factory.mktemp("lm_run")
     cfg = _config(shapes_dir, unigram_reference=True)
@@ -108,6 +109,10 @@ def test_results_hold_perplexity_samples_and_unigram(run):
     assert len(ev["samples/sampled"]) == 2 * len(PROMPTS)
     for text in ev["samples/greedy"] + ev["samples/sampled"]:
         assert isinstance(text, str)
+    evals = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
+    assert [e["step"] for e in evals] == [STEPS // 2, STEPS]
+    assert evals[-1]["eval/samples/greedy"] == ev["samples/greedy"]
+    assert evals[0]["eval/perplexity"] > evals[-1]["eval/perplexity"]
     # Samples are decoded prompt + continuation: the "a red" rows start with the prompt.
     assert ev["samples/greedy"][1].startswith("a red")
     assert all(t.startswith("a red") for t in ev["samples/sampled"][2:])
