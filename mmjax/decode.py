@@ -23,9 +23,11 @@ model's cache protocol (positions = cumsum(valid) − 1, kv_valid over every slo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -367,6 +369,21 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
     temperature, top_p, cfg_scale, token_range, disallowed_ids, eos_id and pad_id are runtime inputs:
     changing them does not recompile.
     """
+    return prepare_generate(model, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, rng=rng, eos_id=eos_id, pad_id=pad_id, token_range=token_range,
+                            disallowed_ids=disallowed_ids, cfg_scale=cfg_scale, null_prompts=null_prompts,
+                            lengths=lengths, null_lengths=null_lengths, cache_len=cache_len, cache_dtype=cache_dtype,
+                            tokenizer=tokenizer, mesh=mesh, rules=rules)()
+
+
+def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
+                     eos_id: int | None = None, pad_id: int = 0, token_range: tuple[int, int] | None = None,
+                     disallowed_ids: Sequence[int] | None = None, cfg_scale: float | None = None,
+                     null_prompts=None, lengths=None, null_lengths=None, cache_len: int | None = None,
+                     cache_dtype: str | None = None, tokenizer: Tokenizer | None = None, mesh: Mesh | None = None,
+                     rules=None) -> GenerationPlan:
+    """`generate`'s checks and set-up without running: returns a `GenerationPlan` (same arguments)."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not all(hasattr(cfg, a) for a in ("vocab_size", "max_len", "encoder")):
         raise TypeError(f"generate needs a decoder LM (mmjax.models.lm.LM) with cfg.vocab_size / max_len / "
@@ -447,18 +464,53 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
     runtime = (jnp.float32(temperature or 1.0), jnp.float32(1.0 if top_p is None else top_p),
                jnp.float32(0.0 if cfg_scale is None else cfg_scale), allowed,
                jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
-    if mesh is None:
-        out, n_gen = fn(params, arr, lens, key, *runtime)
-    else:
-        with jax.set_mesh(mesh), logical_rules(rules if rules is not None else current_rules()):
-            out, n_gen = fn(params, arr, lens, key, *runtime)
-    tokens, n_gen = np.asarray(out), np.asarray(n_gen)
-    if embeds:
-        sequences = [tokens[i, : n_gen[i]].copy() for i in range(b)]
-    else:
-        sequences = [np.concatenate([arr[i, : lens[i]], tokens[i, : n_gen[i]]]).astype(np.int32) for i in range(b)]
-    return Generation(sequences, tokens, n_gen)
+    return GenerationPlan(fn, (params, arr, lens, key, *runtime), b, embeds, mesh, rules)
 
 
-__all__ = ["Generation", "check_sampling", "constrain_logits", "generate", "greedy", "guide_logits",
-           "process_logits", "sample", "split_guided", "top_k_filter", "top_p_filter"]
+@dataclasses.dataclass(frozen=True)
+class GenerationPlan:
+    """A checked, ready-to-run generation: the jitted loop and its arguments (see `prepare_generate`).
+
+    plan() runs it and returns a `Generation`; plan.lower() gives the `jax.stages.Lowered` for
+    ahead-of-time compilation (plan.run(compiled) then runs a compiled executable instead).
+    """
+
+    fn: Callable
+    args: tuple
+    batch: int
+    embeds: bool
+    mesh: Mesh | None
+    rules: Any
+
+    def _context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(logical_rules(self.rules if self.rules is not None else current_rules()))
+        return stack
+
+    def lower(self):
+        with self._context():
+            return self.fn.lower(*self.args)
+
+    def run(self, compiled=None) -> tuple[jax.Array, jax.Array]:
+        """(tokens [B, N], n_generated [B]) as device arrays (asynchronous: block on them to time)."""
+        with self._context():
+            return (compiled or self.fn)(*self.args)
+
+    def result(self, out) -> Generation:
+        tokens, n_gen = np.asarray(out[0]), np.asarray(out[1])
+        if self.embeds:
+            return Generation([tokens[i, : n_gen[i]].copy() for i in range(self.batch)], tokens, n_gen)
+        arr, lens = self.args[1], self.args[2]
+        sequences = [np.concatenate([arr[i, : lens[i]], tokens[i, : n_gen[i]]]).astype(np.int32)
+                     for i in range(self.batch)]
+        return Generation(sequences, tokens, n_gen)
+
+    def __call__(self) -> Generation:
+        return self.result(self.run())
+
+
+__all__ = ["Generation", "GenerationPlan", "check_sampling", "constrain_logits", "generate", "greedy", "guide_logits",
+           "prepare_generate", "process_logits", "sample", "split_guided", "top_k_filter", "top_p_filter"]

@@ -1,0 +1,249 @@
+"""Batched greedy decoding speed: `mmjax.generate` against HF `LlamaForCausalLM.generate`, same weights.
+
+    python -m mmjax.bench_decode [--batch-sizes 8,1] [--prompt-len 16] [--new-tokens 128] [--repeats 3]
+                                 [--width 512 --depth 8 --heads 8 --mlp 1376 --vocab 32000] [--out F.json]
+
+A randomly initialised HF `LlamaForCausalLM` (fp32) is saved with `save_pretrained` and loaded on our
+side with `mmjax.load_pretrained`, so both decoders are one model. Both decode the same random
+prompts (all of length --prompt-len) greedily for exactly --new-tokens tokens (no EOS), HF with
+`do_sample=False` and its default KV cache and attention, `torch.set_num_threads(os.cpu_count())`
+(--torch-threads 2,1 adds HF at 1 thread: on a loaded machine PyTorch's thread pool can be several
+times slower with all cores than with one, which would flatter the ratio).
+
+Figures per side and batch size (seconds; the best of --repeats runs, ours and HF interleaved so that
+load from other processes hits both alike; "median" repeats them with medians, and every run's time
+is kept in *_all):
+
+    compile_s        ours: lower + compile of the whole generation loop (prefill + while_loop) for N
+                     new tokens; compile_first_s the same for N = 1 (prefill only). HF: none (eager);
+                     first_call_s is each side's first, untimed-warmup call.
+    first_token_s    latency of the first token: generate with max_new_tokens = 1 (prefill + pick)
+    per_token_s      (total_s − first_token_s) / (N − 1): one KV-cache extend step
+    total_s          generate with max_new_tokens = N, end to end (host prompts in, host tokens out)
+    tokens_per_s     B · N / total_s
+    ratio            ours tokens_per_s / HF tokens_per_s (> 1: we are faster)
+    tokens_match     fraction of generated tokens equal to HF's (greedy, same weights; a near-tie
+                     that fp32 rounding flips changes the rest of that row)
+    weight_gb_per_s  param bytes / per_token_s: each step reads every weight once, so at batch 1 this
+                     is the memory bandwidth the step achieves
+
+The machine may be shared: the JSON records the load average before and after; timings are noisy then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mmjax.decode import prepare_generate
+
+
+def _hf_config(width: int, depth: int, heads: int, kv_heads: int, mlp: int, vocab: int, max_len: int):
+    import transformers as T
+    return T.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_hidden_layers=depth,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len,
+                         rope_theta=10_000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
+                         eos_token_id=None)
+
+
+def build_models(hf_config, directory: str | Path, seed: int = 0):
+    """(hf_model, our_model, our_params) for one random HF Llama, through save_pretrained/load_pretrained."""
+    import torch
+    import transformers as T
+
+    import mmjax
+    torch.manual_seed(seed)
+    hf = T.LlamaForCausalLM(hf_config).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(directory)
+    model, params = mmjax.load_pretrained(directory)
+    return hf, model, params
+
+
+def _median(xs):
+    return float(np.median(np.asarray(xs, np.float64)))
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+class _Ours:
+    """Our side for one batch: AOT-compiled loops for N and for 1 new token."""
+
+    def __init__(self, model, params, prompts: np.ndarray, new: int):
+        self.plans, self.compiled, self.compile_s = {}, {}, {}
+        for n in (new, 1):
+            plan = prepare_generate(model, params, prompts, max_new_tokens=n)
+            t = time.perf_counter()
+            compiled = plan.lower().compile()
+            self.compile_s[n] = time.perf_counter() - t
+            self.plans[n], self.compiled[n] = plan, compiled
+
+    def __call__(self, n: int) -> np.ndarray:
+        out = self.plans[n].run(self.compiled[n])
+        return np.asarray(jax.block_until_ready(out)[0])  # host tokens, like HF's output
+
+
+class _HF:
+    def __init__(self, hf, prompts: np.ndarray, threads: int):
+        import torch
+        self.torch, self.hf, self.threads = torch, hf, threads
+        self.ids = torch.from_numpy(prompts.astype(np.int64))
+        self.mask = torch.ones_like(self.ids)
+
+    def __call__(self, n: int) -> np.ndarray:
+        self.torch.set_num_threads(self.threads)
+        with self.torch.inference_mode():
+            out = self.hf.generate(input_ids=self.ids, attention_mask=self.mask, do_sample=False, max_new_tokens=n,
+                                   min_new_tokens=n, num_beams=1, top_k=None, top_p=None, temperature=None,
+                                   pad_token_id=0, eos_token_id=None)
+        return out[:, self.ids.shape[1]:].numpy()
+
+
+def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int, repeats: int, seed: int = 0,
+                torch_threads: tuple[int, ...] = ()) -> dict:
+    """Both sides on one batch of random prompts; see the module docstring for the figures.
+
+    HF runs once per entry of torch_threads (default: os.cpu_count()): the first is "hf", the others
+    "hf_threads{t}", each with its own ratio."""
+    vocab = model.cfg.vocab_size
+    prompts = np.random.default_rng(seed).integers(1, vocab, size=(batch_size, prompt_len)).astype(np.int32)
+    torch_threads = tuple(torch_threads) or (os.cpu_count() or 1,)
+    ours = _Ours(model, params, prompts, new)
+    sides = {"ours": ours}
+    for i, t in enumerate(torch_threads):
+        sides["hf" if i == 0 else f"hf_threads{t}"] = _HF(hf, prompts, t)
+    first_call = {name: _timed(lambda s=side: s(new)) for name, side in sides.items()}
+    times = {name: {"total": [], "first": []} for name in sides}
+    for _ in range(repeats):
+        for n, key in ((new, "total"), (1, "first")):
+            for name, side in sides.items():
+                times[name][key].append(_timed(lambda s=side, n=n: s(n))[0])
+    ours_tokens, hf_tokens = first_call["ours"][1], first_call["hf"][1]
+    hf_names = [name for name in sides if name != "ours"]
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    result = {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new, "repeats": repeats,
+              "tokens_match": float(np.mean(ours_tokens == hf_tokens)),
+              "rows_identical": int(np.sum(np.all(ours_tokens == hf_tokens, axis=1)))}
+    for name in sides:
+        total, first = min(times[name]["total"]), min(times[name]["first"])
+        per_token = (total - first) / max(new - 1, 1)
+        med_total, med_first = _median(times[name]["total"]), _median(times[name]["first"])
+        side = {"first_call_s": first_call[name][0], "first_token_s": first, "per_token_s": per_token,
+                "total_s": total, "tokens_per_s": batch_size * new / total,
+                "weight_gb_per_s": param_bytes / per_token / 1e9 if per_token > 0 else None,
+                "median": {"first_token_s": med_first, "per_token_s": (med_total - med_first) / max(new - 1, 1),
+                           "total_s": med_total, "tokens_per_s": batch_size * new / med_total},
+                "total_s_all": times[name]["total"], "first_token_s_all": times[name]["first"]}
+        if name == "ours":
+            side["compile_s"], side["compile_first_s"] = ours.compile_s[new], ours.compile_s[1]
+        else:
+            side["torch_threads"] = sides[name].threads
+        result[name] = side
+    for name in hf_names:
+        suffix = name[2:]  # "" for "hf", "_threads1" for "hf_threads1"
+        o, h = result["ours"], result[name]
+        result["ratio_tokens_per_s" + suffix] = o["tokens_per_s"] / h["tokens_per_s"]
+        result["ratio_tokens_per_s_median" + suffix] = o["median"]["tokens_per_s"] / h["median"]["tokens_per_s"]
+        result["ratio_per_token" + suffix] = h["per_token_s"] / o["per_token_s"]
+        result["ratio_first_token" + suffix] = h["first_token_s"] / o["first_token_s"]
+    return result
+
+
+def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repeats: int = 3, width: int = 512,
+        depth: int = 8, heads: int = 8, kv_heads: int | None = None, mlp: int = 1376, vocab: int = 32_000,
+        torch_threads: tuple[int, ...] = (), seed: int = 0, out: str | Path | None = None,
+        verbose: bool = True) -> dict:
+    import torch
+
+    from mmjax.bench import machine_info
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to separate the first token from the rest, got {new_tokens}")
+    if repeats < 1 or prompt_len < 1 or any(b < 1 for b in batch_sizes):
+        raise ValueError("repeats, prompt_len and every batch size must be >= 1")
+    torch_threads = tuple(torch_threads) or (os.cpu_count() or 1,)
+    if any(t < 1 for t in torch_threads):
+        raise ValueError(f"torch threads must be >= 1, got {torch_threads}")
+    cfg = _hf_config(width, depth, heads, kv_heads or heads, mlp, vocab, max_len=prompt_len + new_tokens)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as d:
+        hf, model, params = build_models(cfg, d, seed)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    cases = []
+    for b in batch_sizes:
+        cases.append(bench_batch(hf, model, params, batch_size=b, prompt_len=prompt_len, new=new_tokens,
+                                 repeats=repeats, seed=seed, torch_threads=torch_threads))
+        if verbose:
+            print(_line(cases[-1]), flush=True)
+    results = {
+        "what": "greedy decoding, mmjax.generate (jit, lax.while_loop over the KV cache) vs HF "
+                "LlamaForCausalLM.generate (PyTorch eager, do_sample=False), same fp32 weights",
+        "model": {"width": width, "depth": depth, "heads": heads, "kv_heads": kv_heads or heads, "mlp": mlp,
+                  "vocab": vocab, "params": n_params, "dtype": "float32"},
+        "machine": machine_info(), "torch_threads": list(torch_threads), "torch_version": torch.__version__,
+        "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+        "note": "shared machine: timings include other processes' load (see load averages)",
+        "cases": cases,
+    }
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        if verbose:
+            print(f"wrote {out}", flush=True)
+    return results
+
+
+def _line(c: dict) -> str:
+    o = c["ours"]
+    parts = [f"batch {c['batch_size']:2d}: ours {o['tokens_per_s']:8.1f} tok/s (compile {o['compile_s']:.2f}s, "
+             f"first {o['first_token_s'] * 1e3:.1f} ms, per token {o['per_token_s'] * 1e3:.2f} ms)"]
+    for name in (n for n in c if n == "hf" or n.startswith("hf_threads")):
+        h, suffix = c[name], name[2:]
+        parts.append(f"HF {h['torch_threads']} thr {h['tokens_per_s']:8.1f} tok/s (first {h['first_token_s'] * 1e3:.1f}"
+                     f" ms, per token {h['per_token_s'] * 1e3:.2f} ms) ratio {c['ratio_tokens_per_s' + suffix]:.2f}x")
+    parts.append(f"tokens match {c['tokens_match']:.3f}")
+    return " | ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmjax.bench_decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", default="8,1", help="comma-separated, e.g. 8,1")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--mlp", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=32_000)
+    p.add_argument("--torch-threads", default=None,
+                   help="comma-separated torch thread counts for HF (default: os.cpu_count()); e.g. 2,1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file to write")
+    a = p.parse_args(argv)
+    try:
+        sizes = tuple(int(s) for s in a.batch_sizes.split(",") if s.strip())
+        threads = tuple(int(s) for s in (a.torch_threads or "").split(",") if s.strip())
+    except ValueError:
+        p.error(f"--batch-sizes and --torch-threads must be comma-separated ints, got {a.batch_sizes!r}, "
+                f"{a.torch_threads!r}")
+    run(batch_sizes=sizes, prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats, width=a.width,
+        depth=a.depth, heads=a.heads, kv_heads=a.kv_heads, mlp=a.mlp, vocab=a.vocab, torch_threads=threads,
+        seed=a.seed, out=a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
