@@ -10,16 +10,17 @@ BOS + caption + EOS; the loss is the next-token cross-entropy on every real toke
 unigram model of the train tokens on the same test tokens, and by sampled captions (greedy and
 temperature 0.8 / top-p 0.9, from BOS and from a few prefixes) written into results.json.
 
-Measured (300 steps of 64 captions; a 2-core CPU shared with other jobs, load average 5-6, so
+Measured (300 steps of 64 captions; a 2-core CPU shared with other jobs, load average 4-6, so
 the times are noisy): test perplexity 3.05 (token accuracy 51.1%) against a unigram perplexity of
-36.5 (36.47 even for a unigram fitted on the test tokens themselves); 3 min 41 s wall for the
-whole run including the unigram count, two evaluations with samples and the compiles (2 min 13 s
-of user CPU time). Train loss 3.53 at step 50, 1.23 at 100, 1.13 at 300: most is learned in the
-first 100 steps (400 steps reach 3.00 in 6 min 42 s). Sampled captions read like the dataset's
-("three shapes: a large orange circle is in the bottom left corner, in the top right corner there
-is a large blue triangle and in the top left there is a large cyan cross"), though some break its
-rules (two objects in one cell); greedy ones loop on the most likely phrase ("a small white
-diamond is in the top left corner, a small white diamond is in the top left corner ...").
+36.5 (36.47 even for a unigram fitted on the test tokens themselves). Wall time of the whole run
+(unigram count, two evaluations with samples and the compiles included): 2 min 47 s and 3 min 41 s
+in two identical runs (2 min 9-13 s of user CPU time). Train loss 3.53 at step 50, 1.23 at 100,
+1.13 at 300: most is learned in the first 100 steps (400 steps reach 3.00 in 6 min 42 s).
+Sampled captions read like the dataset's ("three shapes: a large orange circle is in the bottom
+left corner, in the top right corner there is a large blue triangle and in the top left there is
+a large cyan cross"), though some break its rules (two objects in one cell); greedy ones loop on
+the most likely phrase ("a small white diamond is in the top left corner, a small white diamond
+is in the top left corner ...").
 """
 
 from mmjax.data.config import DataConfig
