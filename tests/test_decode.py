@@ -204,3 +204,29 @@ def test_bad_input_is_named(hf_and_ours, kw, err, match):
     kw = {"prompts": PROMPTS, "max_new_tokens": 8, **kw}
     with pytest.raises(err, match=match):
         generate(model, params, kw.pop("prompts"), **kw)
+
+
+def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
+    """python -m mmjax.bench_decode on a tiny model: both sides decode the same weights to the same
+    greedy tokens (HF's are the reference), and the reported figures are consistent with each other."""
+    import json
+
+    from mmjax import bench_decode
+    out = tmp_path / "bench.json"
+    assert bench_decode.main(["--width", "32", "--depth", "2", "--heads", "4", "--mlp", "64", "--vocab", "128",
+                              "--batch-sizes", "2", "--prompt-len", "5", "--new-tokens", "6", "--repeats", "2",
+                              "--torch-threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (case,) = res["cases"]
+    assert case["tokens_match"] == 1.0 and case["rows_identical"] == 2
+    for side in ("ours", "hf"):
+        s = case[side]
+        assert s["total_s"] == min(s["total_s_all"]) > 0 and len(s["total_s_all"]) == 2
+        assert s["tokens_per_s"] == pytest.approx(2 * 6 / s["total_s"])
+        assert s["per_token_s"] == pytest.approx((s["total_s"] - s["first_token_s"]) / 5)
+    assert case["ours"]["compile_s"] > 0 and case["hf"]["torch_threads"] == 1
+    assert case["ratio_tokens_per_s"] == pytest.approx(case["ours"]["tokens_per_s"] / case["hf"]["tokens_per_s"])
+    assert res["model"]["vocab"] == 128 and res["model"]["params"] == 2 * 128 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64
+                                                                                          + 2 * 32) + 32
+    with pytest.raises(ValueError, match="new_tokens"):
+        bench_decode.run(new_tokens=1, verbose=False)
