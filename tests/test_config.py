@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from mmjax.config import ConfigError, apply_overrides, from_dict, to_dict
@@ -47,3 +49,15 @@ def test_json_round_trip_is_strict(cfg):
         from_json(d)
     with pytest.raises(ConfigError, match="typo"):
         from_dict(ExperimentConfig, {"typo": 1})
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("experiments").glob("*.py")))
+def test_every_experiment_config_loads_and_round_trips(path):
+    """Each shipped experiment builds, validates against its task, and survives the JSON round trip
+    that a resumed run relies on (config.json in the workdir)."""
+    import json
+
+    from mmjax.experiment import validate
+    c = validate(load_experiment(path))
+    assert c.name == Path(path).stem
+    assert from_json(json.loads(json.dumps(to_dict(c)))) == c
