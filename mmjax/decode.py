@@ -272,6 +272,13 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
     return jax.jit(run, out_shardings=(replicated, replicated))
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shardings(model: nn.Module, mesh: Mesh, rules):
+    """NamedShardings of the model's params from their logical names (traced once per model and mesh)."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    return tree_shardings(abstract["params"], mesh, rules)
+
+
 def _as_prompt_arrays(prompts, lengths, tokenizer, what: str):
     """Prompts (list of id lists / strings, or an array [B, T] / [B, T, D] + lengths) → (right-padded
     numpy array, lengths int32 [B], embeds?)."""
@@ -446,8 +453,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
     params = params.get("params", params) if set(params) == {"params"} else params
     params = nn.meta.unbox(params)
     if mesh is not None:
-        abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
-        params = jax.device_put(params, tree_shardings(abstract["params"], mesh, rules))
+        params = jax.device_put(params, _param_shardings(model, mesh, None if rules is None else tuple(rules)))
     if cache_dtype is None:
         cache_dtype = str(jnp.dtype(cfg.encoder.dtype))
     fn = _compiled_generate(
