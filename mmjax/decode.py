@@ -19,6 +19,13 @@ as HF does), fills the cache with the whole prompt in one call (prefill), then e
 at a time inside a `lax.while_loop`, all under one `jax.jit` per (batch, T0, max_new_tokens,
 sampler structure); the loop stops when every row has emitted EOS. See `mmjax/models/lm.py` for the
 model's cache protocol (positions = cumsum(valid) − 1, kv_valid over every slot).
+
+    out = mmjax.generate(model, params, [[5, 17, 99], [11, 2]], max_new_tokens=32, eos_id=2)
+    out.sequences[i]   prompt + generated ids of row i (through EOS), numpy int32
+    out.tokens         [B, 32] generated ids, pad_id after EOS;  out.lengths [B]
+
+`prepare_generate` does the checks and set-up without running and returns a `GenerationPlan`
+(plan() runs it; plan.lower() for ahead-of-time compilation, as `mmjax.bench_decode` does).
 """
 
 from __future__ import annotations
