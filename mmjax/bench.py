@@ -3,7 +3,7 @@
     python -m mmjax.bench [--model vit] [--variants S/16,B/16] [--image-size 224] [--batch-size 8]
                           [--steps 3] [--scan-modes off,on] [--out bench_vit.json]
     python -m mmjax.bench --model clip [--configs tiny,S/16] [--batch-size N] [--steps 5]
-                          [--warmup 2] [--scan-modes off] [--hf-attn sdpa] [--out bench_clip.json]
+                          [--warmup 2] [--scan-modes off,on] [--hf-attn sdpa] [--out bench_clip.json]
     mmjax bench ...                      (the same, through the CLI)
 
 Two model families share one core (the library's real AdamW train step, timed the same way, the
@@ -829,7 +829,8 @@ def format_clip_table(results: dict) -> str:
 
 
 def run_clip_bench(configs: Sequence[str] = ("tiny", "S/16"), batch_size: int | None = None, steps: int = 5,
-                   warmup: int = 2, out: str | Path | None = "bench_clip.json", scan_modes: Sequence[bool] = (False,),
+                   warmup: int = 2, out: str | Path | None = "bench_clip.json",
+                   scan_modes: Sequence[bool] = (False, True),
                    *, attn_implementation: str = "sdpa", isolate: bool = True, peak_matmul_n: int = 2048,
                    peak_repeats: int = 10, seed: int = 0, init_noise: float = 0.0, verbose: bool = True) -> dict:
     """Benchmarks our CLIP train step against HF's CLIPModel for every (config, scan) pair; prints
@@ -912,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default vit 3, clip 5)")
     p.add_argument("--warmup", type=int, default=2, help="clip: untimed steps first (vit: always 1)")
     p.add_argument("--scan-modes", type=_parse_bool_modes, default=None,
-                   help="comma-separated on/off (default: vit off,on; clip off)")
+                   help="comma-separated on/off (default off,on)")
     p.add_argument("--hf-attn", choices=("sdpa", "eager"), default="sdpa", help="clip: HF attention implementation")
     p.add_argument("--init-noise", type=float, default=0.0,
                    help="clip: add N(0, x²) to every HF weight before saving (checks; HF's init hides a "
@@ -930,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_clip_bench(configs=_names(args.configs), batch_size=args.batch_size, steps=args.steps or 5,
                            warmup=args.warmup, out=args.out or "bench_clip.json",
-                           scan_modes=args.scan_modes if args.scan_modes is not None else (False,),
+                           scan_modes=args.scan_modes if args.scan_modes is not None else (False, True),
                            attn_implementation=args.hf_attn, isolate=not args.no_isolate,
                            peak_matmul_n=args.peak_matmul_n, init_noise=args.init_noise)
         except ValueError as e:
