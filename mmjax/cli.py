@@ -3,6 +3,7 @@
     mmjax train --config experiments/vit_digits.py --workdir runs/vit_digits [--config.KEY=VALUE ...]
     mmjax bench [--model vit|clip] [...]
     mmjax bench-data [--name shapes] [...]
+    mmjax bench-decode [--batch-sizes 8,1] [...]
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from mmjax.bench import main as bench
         return bench(argv[1:])
+    if argv[:1] == ["bench-decode"]:
+        from mmjax.bench_decode import main as bench_decode
+        return bench_decode(argv[1:])
     parser = argparse.ArgumentParser(prog="mmjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
     sub.add_parser("bench", help="train-step benchmarks: ViT, or CLIP vs HF CLIPModel (see mmjax bench --help)")
+    sub.add_parser("bench-decode", help="greedy decoding vs HF generate (see mmjax bench-decode --help)")
 
     rest, overrides = _split_overrides(argv)
     args = parser.parse_args(rest)
