@@ -66,6 +66,30 @@ def test_attention_matches_numpy(heads, kv_heads):
     assert p["key"]["kernel"].shape == (d, kv_heads, d // heads)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_grouped_attention_on_head_major_keys_matches_numpy(heads, kv_heads):
+    """The KV-cache path: keys/values stored [B, Hkv, K, Dh]; per-batch and per-head masks, and a
+    fully masked query row (uniform weights, the mean of v, as the numpy reference gives)."""
+    from mmjax.layers.attention import grouped_attention
+    b, nq, nk, dh = 2, 3, 6, 8
+    rq, rk, rv, rm = jax.random.split(jax.random.key(3), 4)
+    q = np.asarray(jax.random.normal(rq, (b, nq, heads, dh)))
+    k = np.asarray(jax.random.normal(rk, (b, nk, kv_heads, dh)))
+    v = np.asarray(jax.random.normal(rv, (b, nk, kv_heads, dh)))
+    hm = lambda a: jnp.asarray(a.transpose(0, 2, 1, 3))  # [B, K, Hkv, Dh] → head-major [B, Hkv, K, Dh]
+    mask = np.asarray(make_attention_mask(nq, nk, causal=True, q_offset=2,
+                                          kv_valid=jnp.array([[0, 0, 0, 1, 1, 1], [1] * 6], bool)))
+    assert not mask[0, 0, 0].any()  # row 0's first query sees only padding: fully masked
+    got = grouped_attention(jnp.asarray(q), hm(k), hm(v), jnp.asarray(mask))
+    np.testing.assert_allclose(got, _np_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got[0, 0], np.repeat(v[0].mean(0), heads // kv_heads, axis=0), atol=1e-5)
+    per_head = np.asarray(jax.random.bernoulli(rm, 0.6, (b, heads, nq, nk)))
+    got = grouped_attention(jnp.asarray(q), hm(k), hm(v), jnp.asarray(per_head))
+    np.testing.assert_allclose(got, _np_attention(q, k, v, per_head), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="head axis"):
+        grouped_attention(jnp.asarray(q), hm(k), hm(v), jnp.ones((b, 3, nq, nk), bool))
+
+
 def test_norms_match_equations():
     x = np.random.RandomState(0).randn(3, 7).astype(np.float32) * 3 + 1
     ln = Norm("layernorm", eps=1e-5)

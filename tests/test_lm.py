@@ -89,7 +89,7 @@ def test_cached_decoding_equals_full_forward(lm, scan):
         params = dict(params, encoder=stack_block_params(params["encoder"], CFG.encoder.depth))
     prefill, step = (jax.jit(f) for f in _fns(model))
     cache = init_cache(model.cfg, len(ids), S)
-    assert jax.tree.leaves(cache)[0].shape == ((2,) if scan else ()) + (len(ids), S, 2, D // 4)
+    assert jax.tree.leaves(cache)[0].shape == ((2,) if scan else ()) + (len(ids), 2, S, D // 4)  # head-major
     got = _decode(model, params, ids, valid, pos, cache, prefill, step)
     np.testing.assert_allclose(got[valid], ref[valid], atol=1e-5, rtol=1e-5)
     # The padded rows really are left-padded: row 1 has 3 pads, and its first real token sits at 0.
@@ -107,7 +107,7 @@ def test_cached_decoding_on_a_2x2x2_mesh_equals_one_device(lm):
     p_sh = tree_shardings(boxed, mesh)
     c_sh = cache_shardings(CFG, mesh, len(ids), S)
     # The cache's batch goes over data×fsdp and its kv heads over tensor; params shard by their names.
-    assert c_sh["block_0"]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    assert c_sh["block_0"]["k"].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
     assert p_sh["token_embedding"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     sharded = jax.device_put(params, p_sh)
     cache = jax.device_put(init_cache(CFG, len(ids), S), c_sh)
@@ -252,12 +252,13 @@ def test_attention_layer_cache_defaults_are_causal_slots():
     x = jax.random.normal(jax.random.key(7), (2, 5, D))
     params = attn.init(jax.random.key(8), x)
     full = attn.apply(params, x, mask=make_attention_mask(5, causal=True))
-    cache = {"k": jnp.zeros((2, 7, 2, 8)), "v": jnp.zeros((2, 7, 2, 8))}
+    cache = {"k": jnp.zeros((2, 2, 7, 8)), "v": jnp.zeros((2, 2, 7, 8))}  # [B, Hkv, S, Dh]
     outs = []
     for t in range(5):
         y, cache = attn.apply(params, x[:, t:t + 1], cache=cache, cache_index=t)
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert not np.asarray(cache["k"][:, 5:]).any()  # slots 5, 6 never written
+    assert np.asarray(cache["k"][:, :, :5]).any(axis=-1).all()  # every written slot holds a key
+    assert not np.asarray(cache["k"][:, :, 5:]).any()  # slots 5, 6 never written
     with pytest.raises(ValueError, match="does not fit a KV cache of 7 slots"):
         attn.apply(params, x, cache=cache, cache_index=3)

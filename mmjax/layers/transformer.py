@@ -9,8 +9,10 @@ KV cache (decoders): `Transformer(cfg)(x, cache=c, cache_index=t, mask=m)` threa
 block through the stack (see mmjax/layers/attention.py for one layer's {"k", "v"}) and returns it
 as aux["cache"]. The stack's cache has the layout of its params:
 
-    unscanned  {"block_0": {"k": [B, S, Hkv, Dh], "v": ...}, "block_1": ..., ...}
-    scanned    {"k": [depth, B, S, Hkv, Dh], "v": [depth, B, S, Hkv, Dh]}  (an nn.scan input/output)
+    unscanned  {"block_0": {"k": [B, Hkv, S, Dh], "v": ...}, "block_1": ..., ...}
+    scanned    {"k": [depth, B, Hkv, S, Dh], "v": [depth, B, Hkv, S, Dh]}  (an nn.scan input/output)
+
+(head-major: the layout the cached attention matmuls read without a per-step transpose).
 
 `init_kv_cache(cfg, batch, max_len)` makes a zero one and `kv_cache_logical_axes(cfg)` names its axes.
 """
@@ -164,15 +166,15 @@ def kv_cache_head_shape(cfg: TransformerConfig) -> tuple[int, int]:
 
 def init_kv_cache(cfg: TransformerConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """A zero KV cache for the stack, in the layout of its params (module docstring):
-    [B, S=max_len, Hkv, Dh] per layer, stacked on a leading [depth] axis when cfg.scan_layers."""
+    [B, Hkv, S=max_len, Dh] per layer, stacked on a leading [depth] axis when cfg.scan_layers."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"a KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
     hkv, dh = kv_cache_head_shape(cfg)
     dtype = to_dtype(dtype) if isinstance(dtype, str) else dtype
     if cfg.scan_layers:
-        shape = (cfg.depth, batch_size, max_len, hkv, dh)
+        shape = (cfg.depth, batch_size, hkv, max_len, dh)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    shape = (batch_size, max_len, hkv, dh)
+    shape = (batch_size, hkv, max_len, dh)
     return {f"block_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(cfg.depth)}
 
 
@@ -191,7 +193,7 @@ def _check_cache_layout(cache, cfg: TransformerConfig) -> None:
     if cfg.scan_layers:
         ok = set(cache) == {"k", "v"} and all(getattr(cache[n], "ndim", 0) == 5 and cache[n].shape[0] == cfg.depth
                                                for n in ("k", "v"))
-        want = f"{{'k', 'v'}} stacked as [depth={cfg.depth}, B, S, Hkv, Dh] (scan_layers=True)"
+        want = f"{{'k', 'v'}} stacked as [depth={cfg.depth}, B, Hkv, S, Dh] (scan_layers=True)"
     else:
         ok = set(cache) == {f"block_{i}" for i in range(cfg.depth)}
         want = f"{{'block_0' .. 'block_{cfg.depth - 1}'}} of {{'k', 'v'}} (scan_layers=False)"

@@ -45,7 +45,7 @@ every row writes at the same slot (as HF does), then
                 cache=aux["cache"], cache_index=T0), then T0 + 1, ...
 
 The cache is a plain pytree (layout in mmjax/layers/transformer.py): {"block_i": {"k", "v"}} of
-[B, S, Hkv, Dh], or {"k", "v"} of [depth, B, S, Hkv, Dh] with scan_layers. `cache_logical_axes(cfg)`
+[B, Hkv, S, Dh] (head-major), or {"k", "v"} of [depth, B, Hkv, S, Dh] with scan_layers. `cache_logical_axes(cfg)`
 names its axes and `cache_shardings(cfg, mesh)` turns them into NamedShardings (batch over
 data × fsdp, kv heads over tensor), so it shards like the activations.
 
@@ -94,7 +94,7 @@ class LMConfig:
 
 
 def init_cache(cfg: LMConfig, batch_size: int, max_len: int | None = None, dtype="float32") -> dict:
-    """A zero KV cache for `LM(cfg)`: per layer k, v [B, S, Hkv, Dh] with S = max_len (default
+    """A zero KV cache for `LM(cfg)`: per layer k, v [B, Hkv, S, Dh] with S = max_len (default
     cfg.max_len), stacked on a leading [depth] axis when cfg.encoder.scan_layers. dtype: a name
     ("float32", "bfloat16") or a jnp dtype."""
     max_len = cfg.max_len if max_len is None else max_len
@@ -222,7 +222,7 @@ def _cache_len(cache, scanned: bool) -> int:
     except (KeyError, TypeError, StopIteration, AttributeError):
         raise ValueError("the KV cache does not have the layout of init_cache(cfg, ...) for this model "
                          f"(scan_layers={scanned})") from None
-    return int(leaf.shape[2 if scanned else 1])
+    return int(leaf.shape[3 if scanned else 2])  # [depth,] B, Hkv, S, Dh
 
 
 def lm_forward_flops(cfg: LMConfig, seq_len: int) -> float:
