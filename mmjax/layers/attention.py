@@ -22,10 +22,11 @@ as batch dims, so [B, Hkv, S, Dh] is the operand layout they want. Stored [B, S,
 transposed every layer's whole K and V on every decoding step, a cost growing with S; now only
 the new chunk's [B, T, Hkv, Dh] keys are transposed when written, and `grouped_attention` computes
 the cached attention with einsums in that layout (fp32 logits, queries grouped as [B, Hkv, G, T, Dh]).
-Measured on the shared 2-core CPU (width 512, depth 8, MHA, one decoding step of generate):
-batch 8: 53.1 → 20.6 ms at 1041 slots, 16.6 → 13.8 ms at 144. At batch 1 XLA:CPU drops the unit
-batch dim and hands the dots to its plain matmul emitter, which still copies K and V into
-[Hkv, Dh, S] every step: 7.5 ms at 144 slots before and after, 10.8 → 12.4 ms at 1041 (slower).
+Measured on the shared 2-core CPU (width 512, depth 8, MHA, one decoding step of generate, two
+interleaved before/after rounds): batch 8: 53–62 → 21–22 ms at 1041 slots, 16.6–17.0 → 13.8–14.3 ms
+at 144. At batch 1 XLA:CPU drops the unit batch dim and hands the dots to its plain matmul emitter,
+which still copies K and V into [Hkv, Dh, S] every step, as before the change: no gain there
+(7.5–7.8 → 7.5–8.4 ms at 144, 10.8–12.1 → 12.2–12.4 ms at 1041: equal within the noise or slightly slower).
 """
 
 from __future__ import annotations
