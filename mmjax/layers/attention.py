@@ -27,6 +27,11 @@ interleaved before/after rounds): batch 8: 53–62 → 21–22 ms at 1041 slots,
 at 144. At batch 1 XLA:CPU drops the unit batch dim and hands the dots to its plain matmul emitter,
 which still copies K and V into [Hkv, Dh, S] every step, as before the change: no gain there
 (7.5–7.8 → 7.5–8.4 ms at 144, 10.8–12.1 → 12.2–12.4 ms at 1041: equal within the noise or slightly slower).
+GQA is a loss at batch 8 (Hkv 2, G 4: 12.0–12.2 → 13.1 ms at 144 slots, 21.2–22.2 → 28.9 ms at 1041;
+batch 1 equal): XLA:CPU runs the [G·T, Dh] × [S, Dh]ᵀ dot slower than the old transpose + dot, and
+neither routing GQA through `jax.nn.dot_product_attention` on the transposed cache nor an explicit
+K transpose got the old speed back. An open question: storing K as [B, Hkv, Dh, S] (both dots
+canonical) is untried.
 """
 
 from __future__ import annotations
