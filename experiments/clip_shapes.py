@@ -2,10 +2,19 @@
 
     mmjax train --config experiments/clip_shapes.py --workdir runs/clip_shapes
 
-Image tower: ViT on 32×32 with 4×4 patches (N = 64). Text tower: byte-level tokens, causal,
-pooled at EOT (the byte tokenizer's EOS has the highest id). Evaluated by caption retrieval and
+Image tower: ViT on 32×32 with 4×4 patches (N = 64). Text tower: BPE tokens (trained locally on
+the train captions), causal, pooled at the last valid token (the EOS). Evaluated by caption retrieval and
 zero-shot classification of single-object scenes (color, shape, position) on `test` and on
 `test_novel`, whose color–shape pairs never occur in training.
+
+Status (measured, not yet the issue's target): with this config (run stopped at step 500 of a
+1,500-step schedule, 64k examples, on a 2-core CPU shared with other jobs) test R@1 was 52.0%
+image→text and 63.9% text→image (chance 0.05%), zero-shot colour 100%, position 99.6%, but shape
+only 23.9% (chance 16.7%); test_novel: R@1 43.4% / 52.8%, colour 100%, position 96.2%, shape
+35.6%. Fixed 2D sin-cos positions took position from 20% to 98% at step 250 against learned ones.
+Shape is the open problem: objects are 5–8 px wide, and in a batch of 128 captions colour and
+position already tell almost every pair apart (train in-batch accuracy > 95%), so the loss gives
+shape little pressure; batch 512 did not change that within 150 steps.
 """
 
 from mmjax.data.config import DataConfig
@@ -18,7 +27,11 @@ from mmjax.models.vit import ViTConfig
 from mmjax.tasks.contrastive import ContrastiveLossConfig, ZeroShotConfig
 from mmjax.train.optim import OptimConfig
 
-MAX_LEN = 160  # bytes + EOS; 95% of shapes captions fit, longer ones are truncated (EOS kept)
+# A byte-level BPE trained on the shapes train captions (cached in the data dir on first use): it
+# runs out of merges at 418 ids; captions take at most 43 tokens with EOS (the bytes need 200).
+TOKENIZER = "bpe:shapes:512"
+VOCAB = 512
+MAX_LEN = 48
 
 
 def get_config() -> ExperimentConfig:
@@ -28,9 +41,9 @@ def get_config() -> ExperimentConfig:
         name="clip_shapes",
         task="contrastive",
         model=CLIPConfig(
-            vision=ViTConfig(image_size=32, channels=3, patch_size=4, pool="cls", pre_norm=True,
+            vision=ViTConfig(image_size=32, channels=3, patch_size=4, pool="cls", posemb="sincos2d", pre_norm=True,
                              patch_bias=False, encoder=tower),
-            text=TextConfig(vocab_size=259, max_len=MAX_LEN, encoder=tower, causal=True, pool="eot_argmax"),
+            text=TextConfig(vocab_size=VOCAB, max_len=MAX_LEN, encoder=tower, causal=True, pool="last"),
             embed_dim=128),
         loss=ContrastiveLossConfig(
             kind="clip",
@@ -48,7 +61,7 @@ def get_config() -> ExperimentConfig:
                                only_where=single),
             )),
         data=DataConfig(name="shapes", train_split="train", eval_split="test", value_range="symmetric",
-                        text_field="caption", tokenizer="bytes", max_text_len=MAX_LEN,
+                        text_field="caption", tokenizer=TOKENIZER, max_text_len=MAX_LEN,
                         extra_fields=("color", "shape", "position", "num_objects")),
         optim=OptimConfig(name="adamw", peak_lr=1e-3, warmup_steps=200, schedule="cosine",
                           weight_decay=0.1, grad_clip_norm=1.0),
