@@ -20,8 +20,18 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU, x · Φ(x) = ½x(1 + erf(x/√2)), written with erf as HF/PyTorch do.
+
+    `jax.nn.gelu(approximate=False)` computes Φ through erfc, which XLA's CPU backend expands
+    into exponentials and selects: the MLP activation then cost ~1.7× as much per train step
+    (forward + backward, [8320, 512] fp32: 7.5 vs 4.3 ms). Both agree to ~1e-6 absolute.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact, erf-based
+    "gelu": gelu_erf,  # exact, erf-based
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,
