@@ -97,6 +97,52 @@ def test_hand_checks():
     np.testing.assert_allclose(float(siglip_loss(eye, eye, t, b)[0]), want, rtol=1e-6)
 
 
+def np_clip_loss_negatives(zi, zt, zn, valid, t):
+    """NegCLIP: each image's softmax runs over the B texts and the valid negatives; texts → images
+    as in CLIP. From the definition, float64."""
+    zi, zt, zn = (x.astype(np.float64) for x in (zi, zt, zn))
+    s, n = t * zi @ zt.T, t * zi @ zn[valid > 0].T
+    batch = s.shape[0]
+    i2t = -np.mean([s[i, i] - _np_logsumexp(np.concatenate([s[i], n[i]]), 0) for i in range(batch)])
+    t2i = -np.mean([s[j, j] - _np_logsumexp(s[:, j], 0) for j in range(batch)])
+    own = np.array([zi[i] @ zt[i] > zi[i] @ zn[i] for i in range(batch)])
+    return (i2t + t2i) / 2, own[valid > 0].mean()
+
+
+def np_siglip_loss_negatives(zi, zt, zn, valid, t, b):
+    """SigLIP plus one −1 pair per (image, valid negative)."""
+    extra = sum(np.logaddexp(0.0, t * float(zi[i].astype(np.float64) @ zn[k]) + b)
+                for i in range(len(zi)) for k in range(len(zn)) if valid[k])
+    return np_siglip_loss(zi, zt, t, b) + extra / len(zi)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hard_negatives_match_numpy(kind):
+    zi, zt = _embeddings(batch=10, dim=8, seed=4)
+    _, zn = _embeddings(batch=10, dim=8, seed=5, noise=0.3)  # negatives close to other images
+    valid = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], np.int32)
+    t, b = 9.0, -3.0
+    if kind == "clip":
+        loss, m = clip_loss(zi, zt, t, zn, valid)
+        want, neg_acc = np_clip_loss_negatives(zi, zt, zn, valid, t)
+        # The invalid negatives drop out: the same as passing only the valid ones... and all
+        # invalid is plain CLIP.
+        np.testing.assert_allclose(float(clip_loss(zi, zt, t, zn, np.zeros(10, np.int32))[0]),
+                                   np_clip_loss(zi, zt, t)[0], rtol=1e-5)
+    else:
+        loss, m = siglip_loss(zi, zt, t, b, zn, valid)
+        want = np_siglip_loss_negatives(zi, zt, zn, valid, t, b)
+        neg_acc = np.mean([zi[i] @ zt[i] > zi[i] @ zn[i] for i in range(10) if valid[i]])
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(m["neg_accuracy"]), neg_acc, atol=1e-6)
+    # A negative never lowers the loss (one more term in the softmax / one more positive term).
+    assert float(loss) > float((clip_loss(zi, zt, t) if kind == "clip" else siglip_loss(zi, zt, t, b))[0])
+    with pytest.raises(ValueError, match="zt_neg must be"):
+        clip_loss(zi, zt, t, zn[:5], valid)
+    with pytest.raises(ValueError, match="neg_valid must be"):
+        siglip_loss(zi, zt, t, b, zn, valid[:5])
+
+
 def test_losses_compute_in_float32():
     zi, zt = _embeddings(batch=8, dim=8)
     for loss in (clip_loss(zi.astype(jnp.bfloat16), zt.astype(jnp.bfloat16), 10.0)[0],
@@ -120,6 +166,23 @@ def _siglip_scalar(zi, zt, t, b):
     return siglip_loss(zi, zt, t, b)[0]
 
 
+def _negatives(zi, zt):
+    """Hard negatives from the inputs (so gradients reach them): texts mixed with the batch
+    reversed; every third one invalid."""
+    zn = zt + 0.7 * jnp.flip(zi, 0)
+    zn = zn / jnp.linalg.norm(zn, axis=1, keepdims=True)
+    return zn, (jnp.arange(zi.shape[0]) % 3 != 0).astype(jnp.int32)
+
+
+def _clip_neg_scalar(zi, zt, t, b):
+    del b
+    return clip_loss(zi, zt, t, *_negatives(zi, zt))[0]
+
+
+def _siglip_neg_scalar(zi, zt, t, b):
+    return siglip_loss(zi, zt, t, b, *_negatives(zi, zt))[0]
+
+
 def _value_and_grads(fn, *args):
     return jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(*args)
 
@@ -138,7 +201,8 @@ def _sharded_inputs(mesh, zi, zt, t, b):
 
 @needs8
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-@pytest.mark.parametrize("fn", [_clip_scalar, _siglip_scalar], ids=["clip", "siglip"])
+@pytest.mark.parametrize("fn", [_clip_scalar, _siglip_scalar, _clip_neg_scalar, _siglip_neg_scalar],
+                         ids=["clip", "siglip", "clip_negatives", "siglip_negatives"])
 def test_global_batch_loss_under_sharding(mesh_shape, fn):
     zi, zt = _embeddings(batch=16, dim=8, seed=3)
     t, b = 12.0, -4.0

@@ -58,3 +58,52 @@ def test_long_captions_skipped_and_counted(cfg):
     lab = np.concatenate([b["label"] for b in ev])[mask]
     assert mask.size == 384 and not set(lab.tolist()) & LONG
     assert 0.2 * 360 < 360 - mask.sum() < 0.4 * 360  # about 3 classes of 10 were skipped
+
+
+# ----------------------------------------------------------------------------- hard negative texts
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def test_negative_texts_swap_one_group_word(cfg):
+    c = dataclasses.replace(cfg, text_negatives=(NUMBERS,))
+    batch = next(pipeline.train_iterator(c, global_batch_size=32, seed=0))
+    tok = ByteTokenizer()
+    assert batch["neg_text_ids"].shape == batch["text_ids"].shape and (batch["neg_valid"] == 1).all()
+    for ids, n, nids, nn, label in zip(batch["text_ids"], batch["text_len"], batch["neg_text_ids"],
+                                       batch["neg_text_len"], batch["label"]):
+        caption, negative = tok.decode(ids[:n]), tok.decode(nids[:nn])
+        assert caption == caption_for(int(label))
+        prefix, word = caption.rsplit(" ", 1)
+        assert word == NUMBERS[int(label)]
+        neg_prefix, neg_word = negative.rsplit(" ", 1)  # only the number word changed, to another one
+        assert neg_prefix == prefix and neg_word in NUMBERS and neg_word != word
+    # Deterministic per (seed, stream position).
+    again = next(pipeline.train_iterator(c, global_batch_size=32, seed=0))
+    np.testing.assert_array_equal(again["neg_text_ids"], batch["neg_text_ids"])
+    # Eval batches carry no negatives.
+    assert "neg_text_ids" not in next(iter(pipeline.eval_batches(c, global_batch_size=16)))
+
+
+def test_swap_word_negative_rules():
+    swap = transforms.SwapWordNegative((("circle", "square", "star"), ("red", "blue")))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        out = swap.random_map({"text": "a red circle, stars and a square."}, rng)
+        assert out["neg_valid"] == 1
+        seen.add(out["neg_text"])
+    # One whole-word occurrence replaced by another word of its group; "stars" is not "star".
+    assert seen == {"a blue circle, stars and a square.", "a red square, stars and a square.",
+                    "a red star, stars and a square.", "a red circle, stars and a circle.",
+                    "a red circle, stars and a star."}
+    out = swap.random_map({"text": "nothing to swap, stars"}, rng)
+    assert out["neg_valid"] == 0 and out["neg_text"] == "nothing to swap, stars"
+    with pytest.raises(ValueError, match="at least two distinct words"):
+        transforms.SwapWordNegative((("circle", "circle"),))
+    with pytest.raises(ValueError, match="'red' is in groups 0 and 1"):
+        transforms.SwapWordNegative((("red", "blue"), ("red", "green")))
+    with pytest.raises(ValueError, match="not a single word"):
+        transforms.SwapWordNegative((("red car", "blue"),))
+    with pytest.raises(ValueError, match="text_negatives needs text_field"):
+        pipeline.train_iterator(DataConfig(name="digits", text_negatives=(NUMBERS,)), global_batch_size=8, seed=0)

@@ -53,6 +53,12 @@ class DataConfig:
     # An example whose text is empty or not UTF-8, or whose image cannot be decoded:
     # "error" (stop, naming the example) or "skip" (dropped, counted, warned).
     on_bad_example: str = "error"
+    # Hard negative captions for contrastive training (NegCLIP-style word replacement; train only):
+    # groups of interchangeable words, e.g. (("circle", "square", "star"),). Each training text gets
+    # `neg_text_ids` / `neg_text_len`: the text with one whole-word occurrence of a group word,
+    # chosen uniformly, replaced by another word of its group; `neg_valid` is 0 where the text has
+    # no group word (that row has no negative). Empty: off.
+    text_negatives: tuple[tuple[str, ...], ...] = ()
     # Several training sources mixed with weights: (("shapes", 0.7), ("digits", 0.3)); empty: only
     # `name`. Each entry may name a split as "name:split" (default: train_split).
     mixture: tuple[tuple[str, float], ...] = ()

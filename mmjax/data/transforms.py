@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import warnings
 from collections import Counter
 from typing import Any
@@ -162,6 +163,47 @@ class Augment(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class SwapWordNegative(grain.transforms.RandomMap):
+    """A hard negative caption (NegCLIP's word replacement): `text` -> `neg_text` (str) and
+    `neg_valid` int32 [] (1 where a negative was made).
+
+    Among the whole words of `text` that belong to one of `groups`, one occurrence is chosen
+    uniformly and replaced by a different word of its group, chosen uniformly; the rest of the
+    text (spacing and punctuation included) is kept. A text without any group word gets
+    neg_text = text and neg_valid = 0, and the loss must leave that row's negative out. Seeded
+    by grain's `random_map` like `Augment`.
+    """
+
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self):
+        seen: dict[str, int] = {}
+        for i, group in enumerate(self.groups):
+            if len(set(group)) < 2:
+                raise ValueError(f"text_negatives group {i} needs at least two distinct words, got {group!r}")
+            for w in group:
+                if not re.fullmatch(r"\w+", w):
+                    raise ValueError(f"text_negatives word {w!r} is not a single word")
+                if seen.setdefault(w, i) != i:
+                    raise ValueError(f"text_negatives word {w!r} is in groups {seen[w]} and {i}")
+        object.__setattr__(self, "_group_of", seen)
+        words = sorted(seen, key=len, reverse=True)
+        object.__setattr__(self, "_pattern", re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+                           if words else None)
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        text = example["text"]
+        hits = list(self._pattern.finditer(text)) if self._pattern is not None else []
+        if not hits:
+            return {**example, "neg_text": text, "neg_valid": np.int32(0)}
+        m = hits[int(rng.integers(len(hits)))]
+        group = self.groups[self._group_of[m.group(1)]]
+        others = [w for w in dict.fromkeys(group) if w != m.group(1)]
+        new = others[int(rng.integers(len(others)))]
+        return {**example, "neg_text": text[:m.start()] + new + text[m.end():], "neg_valid": np.int32(1)}
+
+
+@dataclasses.dataclass(frozen=True)
 class ToValueRange(grain.transforms.Map):
     """Normalises `image` (and `crops`) from [0, 1] by a preset in NORMALIZATIONS:
     (x - mean) / std per channel ("unit" keeps [0, 1], "symmetric" gives 2x - 1)."""
@@ -253,18 +295,25 @@ class TokenizeText(grain.transforms.Map):
         if self.max_len < 1:
             raise ValueError(f"max_text_len must be positive, got {self.max_len}")
 
-    def map(self, example: dict[str, Any]) -> dict[str, Any]:
-        tok = _tokenizer(self.tokenizer)
-        ids = tok.encode(example["text"], add_bos=self.add_bos, add_eos=self.add_eos)
+    def _encode(self, tok, text: str, example, what: str) -> tuple[np.ndarray, np.int32]:
+        ids = tok.encode(text, add_bos=self.add_bos, add_eos=self.add_eos)
         if len(ids) > self.max_len:
             if self.on_long != "truncate":
-                raise BadExample(f"{_example_name(example)}: text of {len(ids)} tokens is longer than "
+                raise BadExample(f"{_example_name(example)}: {what} of {len(ids)} tokens is longer than "
                                  f"max_text_len={self.max_len}")
             ids = ids[: self.max_len - 1] + [ids[-1]] if self.add_eos else ids[: self.max_len]
-        out = {k: v for k, v in example.items() if k != "text"}
-        out["text_ids"] = np.full(self.max_len, tok.pad_id, np.int32)
-        out["text_ids"][: len(ids)] = ids
-        out["text_len"] = np.int32(len(ids))
+        out = np.full(self.max_len, tok.pad_id, np.int32)
+        out[: len(ids)] = ids
+        return out, np.int32(len(ids))
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        """Also `neg_text` (from `SwapWordNegative`) -> `neg_text_ids` / `neg_text_len`."""
+        tok = _tokenizer(self.tokenizer)
+        out = {k: v for k, v in example.items() if k not in ("text", "neg_text")}
+        out["text_ids"], out["text_len"] = self._encode(tok, example["text"], example, "text")
+        if "neg_text" in example:
+            out["neg_text_ids"], out["neg_text_len"] = self._encode(tok, example["neg_text"], example,
+                                                                    "negative text")
         return out
 
 

@@ -29,7 +29,32 @@ def _check_pair(zi: jax.Array, zt: jax.Array) -> None:
         raise ValueError(f"zi and zt must both be [B, E] with equal shapes, got {zi.shape} and {zt.shape}")
 
 
-def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _check_negatives(zt: jax.Array, zt_neg: jax.Array | None, neg_valid: jax.Array | None) -> None:
+    if zt_neg is None:
+        if neg_valid is not None:
+            raise ValueError("neg_valid was given without zt_neg")
+        return
+    if zt_neg.shape != zt.shape:
+        raise ValueError(f"zt_neg must be [B, E] like zt {zt.shape} (one negative per text), got {zt_neg.shape}")
+    if neg_valid is not None and neg_valid.shape != zt.shape[:1]:
+        raise ValueError(f"neg_valid must be [B] = {zt.shape[:1]}, got {neg_valid.shape}")
+
+
+def _negative_logits(zi, zt_neg, t, b=0.0):
+    """[B, B] logits of every image (rows) against every negative text (columns)."""
+    return t * zi @ zt_neg.astype(jnp.float32).T + b
+
+
+def _neg_metrics(logits, neg_logits, neg_valid):
+    """Fraction of images (with a negative) that score their own text above their own negative."""
+    own = jnp.diagonal(neg_logits)
+    valid = jnp.ones_like(own) if neg_valid is None else neg_valid.astype(jnp.float32)
+    beats = (jnp.diagonal(logits) > own).astype(jnp.float32)
+    return {"neg_accuracy": jnp.sum(beats * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
+
+
+def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, zt_neg: jax.Array | None = None,
+              neg_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CLIP's symmetric cross-entropy (InfoNCE in both directions) over the batch.
 
         s_ij = t · ⟨zi_i, zt_j⟩                                  (= f_I(x_i)·f_T(y_j) / τ, t = 1/τ)
@@ -37,23 +62,40 @@ def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array) -> tuple[jax.Array, di
         L_t→i = −1/B Σ_j log( exp(s_jj) / Σ_i exp(s_ij) )        columns: each text picks its image
         L = (L_i→t + L_t→i) / 2
 
-    Args: zi, zt [B, E] normalised; t a scalar. Returns (loss, metrics) with metrics
-    "i2t_accuracy" / "t2i_accuracy": the fraction of rows / columns whose argmax is the diagonal.
+    Hard negatives (NegCLIP, Yuksekgonul et al. 2023): zt_neg [B, E] holds one negative text per
+    pair (e.g. its caption with a word replaced). They join every image's row as B more columns,
+    n_ik = t · ⟨zi_i, zt_neg_k⟩ (over the whole batch, as NegCLIP's extra texts do), so
+    L_i→t = −1/B Σ_i log( exp(s_ii) / (Σ_j exp(s_ij) + Σ_k exp(n_ik)) ); they have no image, so
+    L_t→i is unchanged. neg_valid [B] (0/1): negatives with 0 are left out (no word to replace).
+
+    Args: zi, zt [B, E] normalised; t a scalar; zt_neg [B, E] normalised, neg_valid [B], both
+    optional. Returns (loss, metrics) with metrics "i2t_accuracy" / "t2i_accuracy": the fraction
+    of rows / columns whose argmax is the diagonal (the rows over all their columns), and with
+    negatives "neg_accuracy": the fraction of images whose own text beats their own negative.
     """
     _check_pair(zi, zt)
+    _check_negatives(zt, zt_neg, neg_valid)
     zi, zt, t = zi.astype(jnp.float32), zt.astype(jnp.float32), jnp.asarray(t, jnp.float32)
     logits = t * zi @ zt.T  # [B, B], s_ij
     positives = jnp.diagonal(logits)  # [B], s_ii
-    loss_i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positives)
+    rows = logits
+    if zt_neg is not None:
+        neg = _negative_logits(zi, zt_neg, t)
+        if neg_valid is not None:
+            neg = jnp.where(neg_valid[None, :] > 0, neg, -jnp.inf)
+        rows = jnp.concatenate([logits, neg], axis=1)  # [B, 2B]
+    loss_i2t = jnp.mean(jax.nn.logsumexp(rows, axis=1) - positives)
     loss_t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - positives)
     loss = 0.5 * (loss_i2t + loss_t2i)
     target = jnp.arange(logits.shape[0])
     metrics = {
         "loss_i2t": loss_i2t,
         "loss_t2i": loss_t2i,
-        "i2t_accuracy": jnp.mean((jnp.argmax(logits, axis=1) == target).astype(jnp.float32)),
+        "i2t_accuracy": jnp.mean((jnp.argmax(rows, axis=1) == target).astype(jnp.float32)),
         "t2i_accuracy": jnp.mean((jnp.argmax(logits, axis=0) == target).astype(jnp.float32)),
     }
+    if zt_neg is not None:
+        metrics.update(_neg_metrics(logits, neg, neg_valid))
     return loss, metrics
 
 
@@ -69,27 +111,40 @@ def _sigmoid_block_sum(zi: jax.Array, zt: jax.Array, t: jax.Array, b: jax.Array,
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
 
 
-def siglip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, b: jax.Array
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def siglip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, b: jax.Array, zt_neg: jax.Array | None = None,
+                neg_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SigLIP's sigmoid loss (big_vision): every pair is an independent binary classification.
 
         s_ij = ⟨zi_i, zt_j⟩,  z_ij = +1 if i = j else −1
         L = −1/B Σ_ij log σ( z_ij (t·s_ij + b) )
 
-    Note the normalisation by B (not B²): the sum runs over all B² pairs. Args: zi, zt [B, E]
-    normalised; t, b scalars. Returns (loss, metrics) with the top-1 accuracies as for CLIP.
+    Note the normalisation by B (not B²): the sum runs over all B² pairs. Hard negatives
+    (zt_neg [B, E], neg_valid [B] as in `clip_loss`) add B more negative pairs per image:
+    −1/B Σ_ik valid_k log σ(−(t·⟨zi_i, zt_neg_k⟩ + b)). Args: zi, zt [B, E] normalised; t, b
+    scalars. Returns (loss, metrics) with the top-1 accuracies as for CLIP (over the positives'
+    texts) and "neg_accuracy" with negatives.
     """
     _check_pair(zi, zt)
+    _check_negatives(zt, zt_neg, neg_valid)
     zi, zt = zi.astype(jnp.float32), zt.astype(jnp.float32)
     t, b = jnp.asarray(t, jnp.float32), jnp.asarray(b, jnp.float32)
     logits = t * zi @ zt.T + b  # [B, B]
     labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0  # z_ij
-    loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+    total = -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+    if zt_neg is not None:
+        neg = _negative_logits(zi, zt_neg, t, b)
+        per_pair = -jax.nn.log_sigmoid(-neg)
+        if neg_valid is not None:
+            per_pair = per_pair * neg_valid.astype(jnp.float32)[None, :]
+        total = total + jnp.sum(per_pair)
+    loss = total / logits.shape[0]
     target = jnp.arange(logits.shape[0])
     metrics = {
         "i2t_accuracy": jnp.mean((jnp.argmax(logits, axis=1) == target).astype(jnp.float32)),
         "t2i_accuracy": jnp.mean((jnp.argmax(logits, axis=0) == target).astype(jnp.float32)),
     }
+    if zt_neg is not None:
+        metrics.update(_neg_metrics(logits, neg, neg_valid))
     return loss, metrics
 
 

@@ -1,7 +1,9 @@
 """Image–text contrastive training (CLIP softmax or SigLIP sigmoid loss) with zero-shot and
 retrieval evaluation.
 
-Batches: {"image": [B, H, W, C] float32, "text_ids": [B, L] int32, "text_len": [B] int32}.
+Batches: {"image": [B, H, W, C] float32, "text_ids": [B, L] int32, "text_len": [B] int32}, and
+with `data.text_negatives` (hard negative captions, NegCLIP-style) also "neg_text_ids" [B, L],
+"neg_text_len" [B] and "neg_valid" [B] int32 in training batches.
 """
 
 from __future__ import annotations
@@ -62,33 +64,52 @@ class ContrastiveTask(Task):
                              f"position table ({cfg.model.text.max_len})")
         if cfg.loss.kind != "clip" and cfg.model.logit_bias_init is None:
             raise ValueError("the SigLIP loss needs model.logit_bias_init (e.g. -10)")
+        if cfg.data.text_negatives and cfg.loss.kind == "siglip_chunked":
+            raise ValueError("data.text_negatives (hard negative texts) work with the 'clip' and 'siglip' "
+                             "losses, not 'siglip_chunked'")
         self.model = CLIP(cfg.model)
 
     def example_batch(self, batch_size):
         v, length = self.cfg.model.vision, self.cfg.data.max_text_len
-        return {"image": jax.ShapeDtypeStruct((batch_size, v.image_size, v.image_size, v.channels), jnp.float32),
-                "text_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
-                "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        batch = {"image": jax.ShapeDtypeStruct((batch_size, v.image_size, v.image_size, v.channels), jnp.float32),
+                 "text_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+                 "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        if self.cfg.data.text_negatives:
+            batch.update(neg_text_ids=batch["text_ids"], neg_text_len=batch["text_len"],
+                         neg_valid=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+        return batch
 
     def init_params(self, rng):
         ex = self.example_batch(1)
         return self.model.init(rng, jnp.zeros(ex["image"].shape), jnp.zeros(ex["text_ids"].shape, jnp.int32))["params"]
 
     def _embed(self, params, batch, train, rng=None):
-        valid = jnp.arange(batch["text_ids"].shape[1])[None, :] < batch["text_len"][:, None]
+        """aux of the model (normalised "image", "text", "temperature", "bias"), plus "neg_text"
+        when the batch has negative texts: they go through the text tower in the same call,
+        interleaved with the positives ([B, 2, L] → [2B, L]), so each row stays on its device."""
+        ids, lengths = batch["text_ids"], batch["text_len"]
+        negatives = "neg_text_ids" in batch
+        if negatives:
+            b, length = ids.shape
+            ids = jnp.stack([ids, batch["neg_text_ids"]], axis=1).reshape(2 * b, length)
+            lengths = jnp.stack([lengths, batch["neg_text_len"]], axis=1).reshape(2 * b)
+        valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
         rngs = {"dropout": rng} if rng is not None else {}
-        _, _, aux = self.model.apply({"params": params}, batch["image"], batch["text_ids"], valid=valid,
-                                     train=train, rngs=rngs)
+        _, _, aux = self.model.apply({"params": params}, batch["image"], ids, valid=valid, train=train, rngs=rngs)
+        if negatives:
+            pairs = aux["text"].reshape(b, 2, -1)
+            aux = {**aux, "text": pairs[:, 0], "neg_text": pairs[:, 1]}
         return aux
 
     def loss_fn(self, params, extra, batch, rng):
         from mmjax.objectives import contrastive
         aux = self._embed(params, batch, True, rng)
         zi, zt, t, b = aux["image"], aux["text"], aux["temperature"], aux["bias"]
+        neg = {"zt_neg": aux["neg_text"], "neg_valid": batch["neg_valid"]} if "neg_text" in aux else {}
         if self.cfg.loss.kind == "clip":
-            loss, metrics = contrastive.clip_loss(zi, zt, t)
+            loss, metrics = contrastive.clip_loss(zi, zt, t, **neg)
         elif self.cfg.loss.kind == "siglip":
-            loss, metrics = contrastive.siglip_loss(zi, zt, t, b)
+            loss, metrics = contrastive.siglip_loss(zi, zt, t, b, **neg)
         else:
             mesh = jax.sharding.get_abstract_mesh()
             loss, metrics = contrastive.siglip_loss_chunked(zi, zt, t, b, mesh=mesh)
@@ -100,15 +121,17 @@ class ContrastiveTask(Task):
 
     def train_flops_per_example(self):
         c = self.cfg
-        return 3.0 * (vit_forward_flops(c.model.vision) + _text_flops(c.model, c.data.max_text_len))
+        texts = 2 if c.data.text_negatives else 1  # a negative text per example goes through the tower too
+        return 3.0 * (vit_forward_flops(c.model.vision) + texts * _text_flops(c.model, c.data.max_text_len))
 
     def check_batch(self, batch, step):
         super().check_batch(batch, step)
-        ids = np.asarray(batch["text_ids"])
         v = self.cfg.model.text.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= v):
-            raise ValueError(f"batch for step {step}: token ids outside [0, {v}): min {ids.min()}, "
-                             f"max {ids.max()}; the tokenizer does not match the text tower")
+        for key in ("text_ids", "neg_text_ids"):
+            ids = np.asarray(batch.get(key, np.zeros((0,), np.int32)))
+            if ids.size and (ids.min() < 0 or ids.max() >= v):
+                raise ValueError(f"batch for step {step}: {key} outside [0, {v}): min {ids.min()}, "
+                                 f"max {ids.max()}; the tokenizer does not match the text tower")
 
     # ------------------------------------------------------------------ evaluation
     def _embed_texts(self, params, texts: list[str]) -> np.ndarray:
