@@ -9,6 +9,7 @@ from scipy.special import erf
 
 from mmjax.layers import (
     Attention,
+    ConvStem,
     Mlp,
     Norm,
     Transformer,
@@ -129,6 +130,32 @@ def test_patchify_counts_and_order():
     np.testing.assert_array_equal(p[1, 4], img[1, 4:8, 4:8])  # row 1, column 1 of a 2×3 grid
     with pytest.raises(ValueError, match="not divisible by the patch size 5"):
         patchify(img, 5)
+
+
+def test_conv_stem_matches_torch():
+    """ConvStem against torch: Conv2d (no bias) → LayerNorm over channels → exact GELU per layer.
+    XLA's "SAME" padding for a 3×3 stride-2 conv on an even size pads (0, 1), torch's padding=1
+    pads (1, 1): the reference pads explicitly."""
+    import torch
+    import torch.nn.functional as F
+
+    layers = ((6, 1), (8, 2), (12, 2))
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    stem = ConvStem(layers, norm_eps=1e-5)
+    params = nn.meta.unbox(stem.init(jax.random.PRNGKey(0), x))["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    out = np.asarray(stem.apply({"params": params}, x))
+    assert out.shape == (2, 4, 4, 12)
+
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    for i, (_, stride) in enumerate(layers):
+        w = torch.from_numpy(np.asarray(params[f"conv_{i}"]["kernel"])).permute(3, 2, 0, 1)  # HWIO → OIHW
+        t = F.conv2d(F.pad(t, (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)), w, stride=stride)
+        norm = params[f"norm_{i}"]
+        t = F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), torch.from_numpy(np.asarray(norm["scale"])),
+                         torch.from_numpy(np.asarray(norm["bias"])), eps=1e-5)
+        t = F.gelu(t).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(out, t.permute(0, 2, 3, 1).numpy(), atol=2e-5)
 
 
 def test_sincos2d_and_resize():

@@ -71,15 +71,32 @@ def test_posemb_resize_to_new_resolution():
 
 @pytest.mark.parametrize("images, err, msg", [
     (np.zeros((16, 16, 3), np.float32), ValueError, "rank 3"),
+    (np.zeros((1, 16, 16, 3), np.float32), ValueError,
+     r"conv stem's total stride 8 \(stem=\(\(4, 2\), \(4, 4\)\)\) does not divide the patch size 4"),
     (np.zeros((1, 16, 16, 1), np.float32), ValueError, "3 channels, got 1"),
     (np.zeros((1, 18, 18, 3), np.float32), ValueError, "18x18 is not divisible by the patch size 4"),
     (np.zeros((1, 16, 16, 3), np.uint8), TypeError, "floating-point images"),
 ])
 def test_bad_images_are_named(images, err, msg):
+    if "stem" in msg:
+        with pytest.raises(err, match=msg):
+            ViT(dataclasses.replace(SMALL, stem=((4, 2), (4, 4)))).init(jax.random.PRNGKey(1), images)
+        return
     model = ViT(SMALL)
     params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
     with pytest.raises(err, match=msg):
         model.apply({"params": params}, images)
+
+
+def test_conv_stem_keeps_the_token_grid():
+    """With a stride-2 stem before 4×4 patches the patch embedding cuts 2×2 patches of the stem's
+    features: still (16/4)² = 16 tokens, and the stem's convs are in the params."""
+    cfg = dataclasses.replace(SMALL, pool="none", num_classes=None, stem=((8, 1), (16, 2)))
+    params = nn.meta.unbox(ViT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))["params"]
+    assert params["stem"]["conv_1"]["kernel"].shape == (3, 3, 8, 16)
+    assert params["embedding"]["kernel"].shape == (2, 2, 16, 32)
+    out, aux = ViT(cfg).apply({"params": params}, jnp.ones((2, 16, 16, 3)))
+    assert out.shape == (2, 16, 32) and aux["patch_tokens"].shape == (2, 16, 32)
 
 
 def test_trainer_batch_checks():
@@ -107,3 +124,6 @@ def test_flops_formula_counts_matmuls():
     block = 2 * 5 * (4 * 8 * 8 + 2 * 8 * 16) + 2 * 2 * 5 * 5 * 8
     head = 2 * 8 * 2
     assert vit_forward_flops(cfg) == patch + block + head
+    # A stem of one stride-2 conv to 3 channels: 2·(2·2 outputs)·9·1·3, then 1×1 "patches" of 3.
+    stem_cfg = dataclasses.replace(cfg, stem=((3, 2),))
+    assert vit_forward_flops(stem_cfg) == 2 * 4 * 9 * 1 * 3 + 2 * 4 * (1 * 1 * 3) * 8 + block + head

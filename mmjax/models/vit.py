@@ -19,7 +19,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.config import config
-from mmjax.layers import Attention, DenseGeneral, LearnedPosEmb, Mlp, Norm, PatchEmbed, Transformer, TransformerConfig
+from mmjax.layers import (
+    Attention,
+    ConvStem,
+    DenseGeneral,
+    LearnedPosEmb,
+    Mlp,
+    Norm,
+    PatchEmbed,
+    Transformer,
+    TransformerConfig,
+    stem_stride,
+)
 from mmjax.layers.posemb import sincos_2d
 from mmjax.layers.transformer import to_dtype
 from mmjax.sharding import constrain
@@ -49,6 +60,10 @@ class ViTConfig:
     posemb: Literal["learned", "sincos2d"] = "learned"
     pre_norm: bool = False  # LayerNorm before the stack (CLIP's ln_pre)
     patch_bias: bool = True
+    # Early convolutions (ConvStem): (channels, stride) per 3×3 conv before the patch embedding;
+    # the product of the strides must divide patch_size, and the token grid stays HW/P². Empty:
+    # the plain linear patch embedding.
+    stem: tuple[tuple[int, int], ...] = ()
     num_classes: int | None = None  # None: no head
     head_zero_init: bool = True
     representation_size: int | None = None  # a tanh pre-logits layer, as the original ViT
@@ -100,6 +115,9 @@ class ViT(nn.Module):
             raise TypeError(f"ViT expects floating-point images (normalised), got {images.dtype}; "
                             "convert uint8 pixels with the data pipeline's value_range")
         b, h, w, ch = images.shape
+        if c.patch_size % stem_stride(c.stem):
+            raise ValueError(f"the conv stem's total stride {stem_stride(c.stem)} (stem={c.stem}) does not "
+                             f"divide the patch size {c.patch_size}")
         if ch != c.channels:
             raise ValueError(f"ViT is configured for {c.channels} channels, got {ch} (shape {images.shape})")
         if h % c.patch_size or w % c.patch_size:
@@ -116,8 +134,11 @@ class ViT(nn.Module):
         self.check_images(images)
         dt, pdt = to_dtype(e.dtype), to_dtype(e.param_dtype)
         aux = {}
-        x = PatchEmbed(e.width, c.patch_size, use_bias=c.patch_bias, dtype=dt, param_dtype=pdt,
-                       name="embedding")(images)
+        x = images
+        if c.stem:
+            x = ConvStem(tuple(map(tuple, c.stem)), e.norm_eps, dtype=dt, param_dtype=pdt, name="stem")(x)
+        x = PatchEmbed(e.width, c.patch_size // stem_stride(c.stem), use_bias=c.patch_bias, dtype=dt,
+                       param_dtype=pdt, name="embedding")(x)
         aux["patch_tokens"] = x
         b, n, d = x.shape
         grid = c.image_size // c.patch_size
@@ -159,7 +180,8 @@ class ViT(nn.Module):
 def vit_forward_flops(cfg: ViTConfig) -> float:
     """Forward FLOPs for one image, counting each multiply-add as 2 FLOPs (matmuls only):
 
-        patch embedding   2 · N · P²C · D
+        conv stem         2 · H'W' · 9 · C_in · C_out per conv (when configured)
+        patch embedding   2 · N · P²C · D (P and C after the stem)
         per block         2 · T · (4D² [q,k,v,out] + 2·D·M [mlp])  +  2 · 2 · T² · D [QKᵀ and AV]
         head              2 · D · classes
 
@@ -175,7 +197,13 @@ def vit_forward_flops(cfg: ViTConfig) -> float:
     dh = e.head_dim or d // h
     proj = 2 * d * h * dh + 2 * d * hkv * dh  # q and out; k and v
     mlp = (3 if e.activation in ("swiglu", "geglu") else 2) * d * m
-    flops = 2 * n * cfg.patch_size**2 * cfg.channels * d
+    side, cin = cfg.image_size, cfg.channels
+    flops = 0
+    for cout, stride in cfg.stem:  # ConvStem: 2 · H'W' · 9 · C_in · C_out per conv
+        side //= stride
+        flops += 2 * side * side * 9 * cin * cout
+        cin = cout
+    flops += 2 * n * (cfg.patch_size // stem_stride(cfg.stem)) ** 2 * cin * d
     flops += e.depth * (2 * t * (proj + mlp) + 4 * t * t * h * dh)
     if cfg.num_classes:
         flops += 2 * d * cfg.num_classes
