@@ -144,10 +144,24 @@ def process_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = No
     return x
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 (the first maximum; the first NaN if a row has one), computed
+    as a max and a min over the indices that reach it.
+
+    Why not `jnp.argmax`: XLA:CPU lowers it to one variadic (value, index) reduce that it does not
+    vectorise: 0.60 ms for [8, 32000] against 0.17 ms for these two plain reductions, on every
+    decoding step (measured on the 2-core CPU).
+    """
+    m = jnp.max(x, axis=-1, keepdims=True)                       # NaN if the row has a NaN
+    hit = (x == m) | jnp.isnan(x)
+    v = x.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def greedy(logits: jax.Array, *, token_range=None, disallowed_ids=None) -> jax.Array:
     """The most likely allowed id per row: logits [B, V] → int32 [B]."""
     x = constrain_logits(logits.astype(jnp.float32), token_range=token_range, disallowed_ids=disallowed_ids)
-    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    return first_argmax(x)
 
 
 def sample(key: jax.Array, logits: jax.Array, *, temperature=1.0, top_k: int | None = None, top_p=None,
@@ -160,7 +174,9 @@ def sample(key: jax.Array, logits: jax.Array, *, temperature=1.0, top_k: int | N
         return greedy(logits, token_range=token_range, disallowed_ids=disallowed_ids)
     x = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, token_range=token_range,
                        disallowed_ids=disallowed_ids)
-    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+    # The Gumbel-max draw of `jax.random.categorical(key, x)` (the same noise, so the same ids), with
+    # the faster argmax.
+    return first_argmax(x + jax.random.gumbel(key, x.shape, x.dtype))
 
 
 def guide_logits(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:

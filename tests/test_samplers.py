@@ -17,6 +17,7 @@ from scipy import stats
 from mmjax.decode import (
     check_sampling,
     constrain_logits,
+    first_argmax,
     greedy,
     guide_logits,
     process_logits,
@@ -143,6 +144,23 @@ def test_near_zero_temperature_is_greedy(logits):
         assert (got == want[None]).all()
         np.testing.assert_array_equal(np.asarray(sample(jax.random.key(0), x, temperature=0.0)), want)
         np.testing.assert_array_equal(np.asarray(greedy(x)), want)
+
+
+def test_first_argmax_is_numpy_argmax_with_ties_inf_and_nan():
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 4, size=(64, 50)).astype(np.float32)   # many ties: the first maximum wins
+    x[3] = -np.inf                                              # a fully masked row → 0, as np.argmax
+    x[5, [7, 20]] = np.nan                                      # NaN wins, the first one (as np.argmax)
+    x[6, 49] = np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def test_sampling_draws_what_jax_random_categorical_draws(logits):
+    """The sampler is the Gumbel-max draw of jax.random.categorical: the same key gives the same ids."""
+    for seed in range(20):
+        key = jax.random.key(seed)
+        want = jax.random.categorical(key, process_logits(logits, temperature=0.7), axis=-1)
+        np.testing.assert_array_equal(np.asarray(sample(key, logits, temperature=0.7)), np.asarray(want))
 
 
 def test_token_range_and_disallowed_ids_are_respected(logits):
