@@ -24,6 +24,10 @@ model's cache protocol (positions = cumsum(valid) − 1, kv_valid over every slo
     out.sequences[i]   prompt + generated ids of row i (through EOS), numpy int32
     out.tokens         [B, 32] generated ids, pad_id after EOS;  out.lengths [B]
 
+Batches of ≥ WEIGHT_MAJOR_ROWS rows decode with output-major copies of the kernels, made once per
+call before the prefill, because XLA:CPU streams weights faster that way for a few rows (see
+`mmjax.layers.linear`); it costs a second copy of the kernels for the duration of the call.
+
 `prepare_generate` does the checks and set-up without running and returns a `GenerationPlan`
 (plan() runs it; plan.lower() for ahead-of-time compilation, as `mmjax.bench_decode` does).
 """
@@ -44,10 +48,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmjax.data.tokenizers import Tokenizer, check_vocab
+from mmjax.layers.linear import DECODE
 from mmjax.models.lm import cache_shardings, init_cache
 from mmjax.sharding import current_rules, logical_rules, tree_shardings
 
 NEG_INF = -jnp.inf
+# Batches of at least this many rows (prompts, doubled with CFG) decode with output-major copies of the
+# kernels, made once per call (see mmjax.layers.linear); None: never. Per-token times on the 2-core dev
+# machine (width 512, depth 8, vocab 32k; stored layout → output-major): 1 row 12.3 → 12.8 ms,
+# 2 rows 16.4 → 17.0 ms, 4 rows 30.2 → 20.5 ms, 8 rows 32.8 → 21–23 ms (copies included).
+WEIGHT_MAJOR_ROWS: int | None = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,10 +220,15 @@ class Generation(NamedTuple):
     lengths: np.ndarray
 
 
+def _weight_major(rows: int, max_new: int) -> bool:
+    """Whether a generation call decodes with output-major kernel copies (see mmjax.layers.linear)."""
+    return WEIGHT_MAJOR_ROWS is not None and rows >= WEIGHT_MAJOR_ROWS and max_new > 1
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new: int, cache_len: int,
                        embeds: bool, greedy_: bool, top_k: int | None, use_top_p: bool, guided: bool,
-                       cache_dtype: str, mesh: Mesh | None, rules):
+                       cache_dtype: str, weight_major: bool, mesh: Mesh | None, rules):
     """The jitted generation loop for one set of static shapes and sampler structure.
 
     f(params, inputs [R, T0] ids or [R, T0, D] embeddings (right-padded), lengths [R], key,
@@ -227,12 +242,12 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
     t0, n, s = prompt_len, max_new, cache_len
     has_logits_method = hasattr(model, "logits")
 
-    def last_logits(params, x, **kw):
-        logits, aux = model.apply({"params": params}, x, **kw)
+    def last_logits(variables, x, **kw):
+        logits, aux = model.apply(variables, x, **kw)
         if has_logits_method and logits.shape[1] > 1:
             # Only the last position's logits are needed; computing them from the hidden state lets XLA
             # drop the unused [R, T0, V] head matmul of the prefill.
-            last = model.apply({"params": params}, aux["hidden"][:, -1:], method="logits")[:, 0]
+            last = model.apply(variables, aux["hidden"][:, -1:], method="logits")[:, 0]
         else:
             last = logits[:, -1]
         return last, aux["cache"]
@@ -259,10 +274,17 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         kv_valid = jnp.arange(s)[None, :] >= pad[:, None]                     # [R, S]: pads never attended
         positions = jnp.maximum(jnp.cumsum(in_prompt, axis=1) - 1, 0).astype(jnp.int32)
 
+        variables = {"params": params}
+        if weight_major:
+            # Output-major copies of every kernel, made once here (outside the loop) by one forward
+            # over a dummy token with the DECODE collection mutable; XLA drops that forward's math.
+            _, made = model.apply(variables, jnp.zeros((1, 1), jnp.int32), mutable=[DECODE])
+            variables = {**variables, DECODE: made[DECODE]}
+
         cache = init_cache(cfg, rows, s, cache_dtype)
         if mesh is not None:
             cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cfg, mesh, rows, s, rules))
-        logits, cache = last_logits(params, x, positions=positions, kv_valid=kv_valid, cache=cache, cache_index=0)
+        logits, cache = last_logits(variables, x, positions=positions, kv_valid=kv_valid, cache=cache, cache_index=0)
         tok = pick(jax.random.fold_in(key, 0), logits, temperature, top_p, cfg_scale, allowed)  # [B]
         done = tok == eos_id                                                  # eos_id −1 never matches
         out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -276,7 +298,7 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
             i, cache, tok, done, out, n_gen = state
             feed = jnp.concatenate([tok, tok]) if guided else tok                               # [R]
             pos = (lengths + i - 1).astype(jnp.int32)[:, None]                                  # [R, 1]
-            logits, cache = last_logits(params, feed[:, None], positions=pos, kv_valid=kv_valid, cache=cache,
+            logits, cache = last_logits(variables, feed[:, None], positions=pos, kv_valid=kv_valid, cache=cache,
                                         cache_index=t0 + i - 1)
             new = pick(jax.random.fold_in(key, i), logits, temperature, top_p, cfg_scale, allowed)
             new = jnp.where(done, pad_id, new)                   # a finished row emits (and is fed) pad
@@ -482,7 +504,8 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
     fn = _compiled_generate(
         model, rows=int(arr.shape[0]), prompt_len=t0, max_new=int(max_new_tokens), cache_len=int(cache_len),
         embeds=bool(embeds), greedy_=temperature == 0, top_k=None if top_k is None else int(top_k),
-        use_top_p=top_p is not None and top_p < 1.0, guided=guided, cache_dtype=cache_dtype, mesh=mesh,
+        use_top_p=top_p is not None and top_p < 1.0, guided=guided, cache_dtype=cache_dtype,
+        weight_major=_weight_major(int(arr.shape[0]), int(max_new_tokens)), mesh=mesh,
         rules=None if rules is None else tuple(rules))
     key = jax.random.key(0) if rng is None else rng
     allowed = np.ones((vocab,), bool)

@@ -42,11 +42,14 @@ def hf_and_ours(tmp_path_factory):
         for name, p in hf.named_parameters():
             p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
     hf.eval()
-    path = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(path)
-    model, params = mmjax.load_pretrained(path)
+    model, params = mmjax.load_pretrained(_save(hf, tmp_path_factory.mktemp("llama")))
     assert isinstance(model, LM)
     return hf, model, params
+
+
+def _save(hf, path):
+    hf.save_pretrained(path)
+    return path
 
 
 def _hf_generate(hf, prompts, new, eos=None):
@@ -88,6 +91,37 @@ def test_greedy_matches_hf_generate_token_for_token(hf_and_ours, hf_greedy):
     np.testing.assert_array_equal(out.lengths, [NEW] * len(PROMPTS))
     for p, seq, gen in zip(PROMPTS, out.sequences, hf_greedy):
         np.testing.assert_array_equal(seq, np.concatenate([p, gen]))
+
+
+def test_plain_and_weight_major_kernels_both_match_hf(hf_and_ours, hf_greedy, monkeypatch):
+    """Batches of ≥ WEIGHT_MAJOR_ROWS rows decode with output-major kernel copies (mmjax.layers.linear),
+    smaller ones with the params as stored: both give HF's tokens, single rows included."""
+    import mmjax.decode as dec
+    _, model, params = hf_and_ours
+    assert dec._weight_major(len(PROMPTS), NEW) and not dec._weight_major(1, NEW)
+    monkeypatch.setattr(dec, "WEIGHT_MAJOR_ROWS", None)
+    np.testing.assert_array_equal(generate(model, params, PROMPTS, max_new_tokens=NEW, pad_id=PAD).tokens, hf_greedy)
+    monkeypatch.setattr(dec, "WEIGHT_MAJOR_ROWS", 1)
+    row = generate(model, params, PROMPTS[:1], max_new_tokens=NEW, pad_id=PAD)
+    np.testing.assert_array_equal(row.tokens, hf_greedy[:1])
+
+
+def test_tied_head_greedy_matches_hf(tmp_path):
+    """A tied-embedding Llama: the decoding head is the embedding [V, D] itself (already output-major)."""
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                        tie_word_embeddings=True, pad_token_id=PAD, attn_implementation="eager")
+    torch.manual_seed(1)
+    hf = T.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    hf.eval()
+    model, params = mmjax.load_pretrained(_save(hf, tmp_path))
+    assert model.cfg.tie_embeddings and "head" not in params
+    want = _hf_generate(hf, PROMPTS[:2], 16)
+    np.testing.assert_array_equal(generate(model, params, PROMPTS[:2], max_new_tokens=16, pad_id=PAD).tokens, want)
 
 
 def test_eos_stops_each_row_like_hf(hf_and_ours, hf_greedy, caplog):

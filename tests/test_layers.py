@@ -10,6 +10,7 @@ from scipy.special import erf
 from mmjax.layers import (
     Attention,
     ConvStem,
+    DenseGeneral,
     Mlp,
     Norm,
     Transformer,
@@ -31,6 +32,31 @@ def _np_attention(q, k, v, mask):
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+@pytest.mark.parametrize("in_rank,features", [(1, 6), (1, (4, 3)), (2, 5)])
+def test_weight_major_dot_and_the_decode_copy_match_numpy(in_rank, features):
+    """DenseGeneral's output-major path (mmjax.layers.linear) against x · W in numpy: the copy made with
+    the "decode" collection mutable is the kernel transposed (output axes first), and applying with it
+    alone (no kernel param) gives the same y."""
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 2) if in_rank == 2 else (2, 3, 8)).astype(np.float32)
+    layer = DenseGeneral(features, ("a",) * (in_rank + len(np.atleast_1d(features))), in_rank=in_rank)
+    params = nn.meta.unbox(layer.init(jax.random.key(1), x)["params"])
+    params["bias"] = np.random.default_rng(2).normal(size=params["bias"].shape).astype(np.float32)
+    w, b = np.asarray(params["kernel"]), params["bias"]
+    in_axes = "ij"[:in_rank]
+    want = np.einsum(f"bt{in_axes},{in_axes}...->bt...", x, w) + b
+
+    y, made = layer.apply({"params": params}, x, mutable=["decode"])
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    perm = tuple(range(in_rank, w.ndim)) + tuple(range(in_rank))
+    np.testing.assert_array_equal(made["decode"]["kernel_t"], np.transpose(w, perm))
+    y_t = layer.apply({"params": {"bias": b}, "decode": made["decode"]}, x)
+    np.testing.assert_allclose(y_t, want, rtol=1e-5, atol=1e-5)
+
+    wrong = {"kernel_t": np.zeros((7,) + made["decode"]["kernel_t"].shape[1:], np.float32)}
+    with pytest.raises(ValueError, match="decode kernel_t has shape"):
+        layer.apply({"params": {"bias": b}, "decode": wrong}, x)
 
 
 def test_mask_helper_cases():

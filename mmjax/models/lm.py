@@ -64,6 +64,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mmjax.config import config
 from mmjax.layers import DenseGeneral, Transformer, TransformerConfig, make_attention_mask
+from mmjax.layers.linear import DECODE, weight_major_dot
 from mmjax.layers.transformer import init_kv_cache, kv_cache_logical_axes, to_dtype
 from mmjax.models.text import check_token_ids
 from mmjax.sharding import constrain, logical_to_spec
@@ -144,7 +145,10 @@ class LM(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [B, T, D] → logits [B, T, V] (the head, or embeddingᵀ if tied)."""
         dt = to_dtype(self.cfg.encoder.dtype)
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and not self.scope.is_collection_empty(DECODE):
+            # Decoding (see mmjax.layers.linear): the embedding [V, D] is already output-major.
+            out = weight_major_dot(self.token_embedding.astype(dt), hidden.astype(dt), 1)
+        elif self.cfg.tie_embeddings:
             out = jnp.einsum("btd,vd->btv", hidden.astype(dt), self.token_embedding.astype(dt))
         else:
             out = self.head(hidden)
