@@ -105,6 +105,8 @@ def np_clip_loss_negatives(zi, zt, zn, valid, t):
     batch = s.shape[0]
     i2t = -np.mean([s[i, i] - _np_logsumexp(np.concatenate([s[i], n[i]]), 0) for i in range(batch)])
     t2i = -np.mean([s[j, j] - _np_logsumexp(s[:, j], 0) for j in range(batch)])
+    if len(zn) != batch:  # K negatives per text: the caller checks neg_accuracy
+        return (i2t + t2i) / 2, None
     own = np.array([zi[i] @ zt[i] > zi[i] @ zn[i] for i in range(batch)])
     return (i2t + t2i) / 2, own[valid > 0].mean()
 
@@ -114,6 +116,38 @@ def np_siglip_loss_negatives(zi, zt, zn, valid, t, b):
     extra = sum(np.logaddexp(0.0, t * float(zi[i].astype(np.float64) @ zn[k]) + b)
                 for i in range(len(zi)) for k in range(len(zn)) if valid[k])
     return np_siglip_loss(zi, zt, t, b) + extra / len(zi)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_several_negatives_per_text_match_numpy(kind):
+    """K negatives per text ([B, K, E], valid [B, K]): every valid negative is one more column of every
+    image's row (CLIP) or one more −1 pair (SigLIP); neg_accuracy asks an image to beat all its own."""
+    b_, k_, e_ = 6, 3, 8
+    zi, zt = _embeddings(batch=b_, dim=e_, seed=7)
+    _, zn = _embeddings(batch=b_ * k_, dim=e_, seed=8, noise=0.3)
+    valid = np.ones((b_, k_), np.int32)
+    valid[1, 2] = valid[4, :] = 0                                # one slot, and a whole row, without a negative
+    t, b = 7.0, -1.5
+    flat, flat_valid = zn, valid.reshape(-1)                      # text j's k-th negative: row j·K + k
+    zn3 = zn.reshape(b_, k_, e_)
+    if kind == "clip":
+        loss, m = clip_loss(zi, zt, t, zn3, valid)
+        want, _ = np_clip_loss_negatives(zi, zt, flat, flat_valid, t)
+    else:
+        loss, m = siglip_loss(zi, zt, t, b, zn3, valid)
+        want = np_siglip_loss_negatives(zi, zt, flat, flat_valid, t, b)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-5)
+    own = [all(zi[i] @ zt[i] > zi[i] @ zn3[i, k] for k in range(k_) if valid[i, k])
+           for i in range(b_) if valid[i].any()]
+    np.testing.assert_allclose(float(m["neg_accuracy"]), np.mean(own), atol=1e-6)
+    # K = 1 as [B, 1, E] is the [B, E] form.
+    one = clip_loss(zi, zt, t, zn3[:, :1], valid[:, :1])[0] if kind == "clip" else \
+        siglip_loss(zi, zt, t, b, zn3[:, :1], valid[:, :1])[0]
+    two = clip_loss(zi, zt, t, zn3[:, 0], valid[:, 0])[0] if kind == "clip" else \
+        siglip_loss(zi, zt, t, b, zn3[:, 0], valid[:, 0])[0]
+    np.testing.assert_allclose(float(one), float(two), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"neg_valid must be \[6, 3\]"):
+        clip_loss(zi, zt, t, zn3, valid[:, 0])
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

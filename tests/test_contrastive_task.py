@@ -25,17 +25,20 @@ TINY = ["model.vision.encoder.width=32", "model.vision.encoder.depth=1", "model.
         "mesh.shape=(-1,1,1)"]
 
 
-def _cfg(digits_dir, *extra):
+def _cfg(digits_dir, *extra, k=1):
     cfg = apply_overrides(load_experiment("experiments/clip_digits.py"), TINY + [f"data.data_dir={digits_dir}", *extra])
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_negatives=(DIGIT_WORDS,)))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_negatives=(DIGIT_WORDS,),
+                                                             text_negatives_per_text=k))
 
 
-def test_negatives_reach_the_loss_through_the_text_tower(digits_dir):
-    cfg = _cfg(digits_dir)
+@pytest.mark.parametrize("k", [1, 3])
+def test_negatives_reach_the_loss_through_the_text_tower(digits_dir, k):
+    cfg = _cfg(digits_dir, k=k)
     task = ContrastiveTask(cfg)
     batch = next(pipeline.train_iterator(cfg.data, global_batch_size=16, seed=0))
-    assert set(task.example_batch(16)) == {"image", "text_ids", "text_len", "neg_text_ids", "neg_text_len",
-                                           "neg_valid"}
+    example = task.example_batch(16)
+    assert {key: x.shape for key, x in example.items()} == {key: batch[key].shape for key in example}
+    assert set(example) == {"image", "text_ids", "text_len", "neg_text_ids", "neg_text_len", "neg_valid"}
     params = task.init_params(jax.random.PRNGKey(0))
     loss, (metrics, _) = jax.jit(task.loss_fn)(params, {}, batch, jax.random.PRNGKey(1))
 
@@ -47,7 +50,9 @@ def test_negatives_reach_the_loss_through_the_text_tower(digits_dir):
         return l2_normalize(model.apply({"params": params}, ids, valid=valid, method=CLIP.encode_text))
 
     zi = l2_normalize(model.apply({"params": params}, batch["image"], method=CLIP.encode_image))
-    zt, zn = texts(batch["text_ids"], batch["text_len"]), texts(batch["neg_text_ids"], batch["neg_text_len"])
+    nids, nlen = batch["neg_text_ids"], batch["neg_text_len"]
+    zt = texts(batch["text_ids"], batch["text_len"])
+    zn = texts(nids.reshape(-1, nids.shape[-1]), nlen.reshape(-1)).reshape(*nlen.shape, -1)  # [B, E] or [B, K, E]
     t, _ = model.apply({"params": params}, method=CLIP.temperature_and_bias)
     want, want_m = clip_loss(zi, zt, t, zn, batch["neg_valid"])
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)

@@ -85,6 +85,43 @@ def test_negative_texts_swap_one_group_word(cfg):
     assert "neg_text_ids" not in next(iter(pipeline.eval_batches(c, global_batch_size=16)))
 
 
+def test_several_negative_texts_are_distinct_swaps(cfg):
+    """text_negatives_per_text K: K distinct swaps without replacement; the digits captions have one
+    number word, so 9 swaps exist and K = 4 draws 4 different numbers, never the caption's own."""
+    c = dataclasses.replace(cfg, text_negatives=(NUMBERS,), text_negatives_per_text=4)
+    batch = next(pipeline.train_iterator(c, global_batch_size=16, seed=0))
+    tok = ByteTokenizer()
+    assert batch["neg_text_ids"].shape == (16, 4, batch["text_ids"].shape[1])
+    assert batch["neg_text_len"].shape == batch["neg_valid"].shape == (16, 4) and (batch["neg_valid"] == 1).all()
+    for ids, n, nids, nn in zip(batch["text_ids"], batch["text_len"], batch["neg_text_ids"], batch["neg_text_len"]):
+        prefix, word = tok.decode(ids[:n]).rsplit(" ", 1)
+        negs = [tok.decode(x[:m]).rsplit(" ", 1) for x, m in zip(nids, nn)]
+        assert all(p == prefix and w in NUMBERS and w != word for p, w in negs)
+        assert len({w for _, w in negs}) == 4
+    with pytest.raises(ValueError, match="text_negatives_per_text=3 needs text_negatives"):
+        pipeline.train_iterator(dataclasses.replace(cfg, text_negatives_per_text=3), global_batch_size=16, seed=0)
+
+
+def test_swap_word_negative_count_draws_without_replacement():
+    swap = transforms.SwapWordNegative((("circle", "square", "star"), ("red", "blue")), count=4)
+    rng = np.random.default_rng(0)
+    all_five = {"a blue circle, stars and a square.", "a red square, stars and a square.",
+                "a red star, stars and a square.", "a red circle, stars and a circle.",
+                "a red circle, stars and a star."}
+    seen = set()
+    for _ in range(50):
+        out = swap.random_map({"text": "a red circle, stars and a square."}, rng)
+        assert len(set(out["neg_text"])) == 4 and set(out["neg_text"]) <= all_five
+        np.testing.assert_array_equal(out["neg_valid"], [1, 1, 1, 1])
+        seen |= set(out["neg_text"])
+    assert seen == all_five
+    out = transforms.SwapWordNegative((("red", "blue", "green"),), count=4).random_map({"text": "a red dot"}, rng)
+    assert sorted(out["neg_text"][:2]) == ["a blue dot", "a green dot"] and out["neg_text"][2:] == ["a red dot"] * 2
+    np.testing.assert_array_equal(out["neg_valid"], [1, 1, 0, 0])  # only 2 swaps exist: the rest are left out
+    with pytest.raises(ValueError, match="text_negatives_per_text must be an int >= 1"):
+        transforms.SwapWordNegative((("red", "blue"),), count=0)
+
+
 def test_swap_word_negative_rules():
     swap = transforms.SwapWordNegative((("circle", "square", "star"), ("red", "blue")))
     rng = np.random.default_rng(0)

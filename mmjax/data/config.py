@@ -59,6 +59,9 @@ class DataConfig:
     # chosen uniformly, replaced by another word of its group; `neg_valid` is 0 where the text has
     # no group word (that row has no negative). Empty: off.
     text_negatives: tuple[tuple[str, ...], ...] = ()
+    # K > 1: K negatives per text, distinct (occurrence, replacement) swaps drawn without replacement
+    # (`transforms.SwapWordNegative`): `neg_text_ids` [K, L], `neg_text_len` [K], `neg_valid` [K].
+    text_negatives_per_text: int = 1
     # Several training sources mixed with weights: (("shapes", 0.7), ("digits", 0.3)); empty: only
     # `name`. Each entry may name a split as "name:split" (default: train_split).
     mixture: tuple[tuple[str, float], ...] = ()

@@ -70,10 +70,12 @@ def _check_config(cfg: DataConfig) -> None:
         lo, hi = cfg.random_resized_crop
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"random_resized_crop must be (min, max) with 0 < min <= max <= 1, got {(lo, hi)}")
+    if cfg.text_negatives_per_text != 1 and not cfg.text_negatives:
+        raise ValueError(f"DataConfig.text_negatives_per_text={cfg.text_negatives_per_text!r} needs text_negatives")
     if cfg.text_negatives:
         if cfg.text_field is None:
             raise ValueError("DataConfig.text_negatives needs text_field")
-        transforms.SwapWordNegative(tuple(map(tuple, cfg.text_negatives)))  # validates the groups
+        transforms.SwapWordNegative(tuple(map(tuple, cfg.text_negatives)), cfg.text_negatives_per_text)  # validates
     for name, weight in cfg.mixture:
         if weight <= 0:
             raise ValueError(f"mixture weight for {name!r} must be positive, got {weight}")
@@ -196,7 +198,8 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
             transforms.RandomResizedCrop(cfg.image_size, tuple(cfg.random_resized_crop)))
     ds = ds.seed(pipeline_seed + 202).random_map(transforms.Augment(shift=cfg.random_shift, flip=cfg.random_flip))
     if cfg.text_negatives:
-        ds = ds.seed(pipeline_seed + 303).random_map(transforms.SwapWordNegative(tuple(map(tuple, cfg.text_negatives))))
+        ds = ds.seed(pipeline_seed + 303).random_map(
+            transforms.SwapWordNegative(tuple(map(tuple, cfg.text_negatives)), cfg.text_negatives_per_text))
     ds = _finish(cfg, ds)
     ds = ds[process_index::process_count]
     return iter(_to_iter(cfg, ds, local_batch))

@@ -164,19 +164,25 @@ class Augment(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class SwapWordNegative(grain.transforms.RandomMap):
-    """A hard negative caption (NegCLIP's word replacement): `text` -> `neg_text` (str) and
-    `neg_valid` int32 [] (1 where a negative was made).
+    """Hard negative captions (NegCLIP's word replacement): `text` -> `neg_text` (str, or a list of
+    `count` str when count > 1) and `neg_valid` int32 [] (or [count]): 1 where a negative was made.
 
-    Among the whole words of `text` that belong to one of `groups`, one occurrence is chosen
-    uniformly and replaced by a different word of its group, chosen uniformly; the rest of the
-    text (spacing and punctuation included) is kept. A text without any group word gets
-    neg_text = text and neg_valid = 0, and the loss must leave that row's negative out. Seeded
-    by grain's `random_map` like `Augment`.
+    A negative is `text` with one whole-word occurrence of a word of one of `groups` replaced by a
+    different word of its group; the rest of the text (spacing and punctuation included) is kept.
+    With count = 1 the occurrence and the replacement are each chosen uniformly. With count = K the
+    K negatives are K distinct (occurrence, replacement) pairs drawn uniformly without replacement,
+    e.g. all five other shapes for a one-object caption and K = 5; when the text has fewer pairs
+    than K, the rest are the text itself with neg_valid 0. A text without any group word gets
+    neg_text = text and neg_valid = 0, and the loss must leave those negatives out. Seeded by
+    grain's `random_map` like `Augment`.
     """
 
     groups: tuple[tuple[str, ...], ...] = ()
+    count: int = 1
 
     def __post_init__(self):
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"text_negatives_per_text must be an int >= 1, got {self.count!r}")
         seen: dict[str, int] = {}
         for i, group in enumerate(self.groups):
             if len(set(group)) < 2:
@@ -194,13 +200,21 @@ class SwapWordNegative(grain.transforms.RandomMap):
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         text = example["text"]
         hits = list(self._pattern.finditer(text)) if self._pattern is not None else []
-        if not hits:
-            return {**example, "neg_text": text, "neg_valid": np.int32(0)}
-        m = hits[int(rng.integers(len(hits)))]
-        group = self.groups[self._group_of[m.group(1)]]
-        others = [w for w in dict.fromkeys(group) if w != m.group(1)]
-        new = others[int(rng.integers(len(others)))]
-        return {**example, "neg_text": text[:m.start()] + new + text[m.end():], "neg_valid": np.int32(1)}
+        swaps = []  # (match, replacement word)
+        if hits and self.count == 1:
+            m = hits[int(rng.integers(len(hits)))]
+            others = [w for w in dict.fromkeys(self.groups[self._group_of[m.group(1)]]) if w != m.group(1)]
+            swaps = [(m, others[int(rng.integers(len(others)))])]
+        elif hits:
+            pairs = [(m, w) for m in hits for w in dict.fromkeys(self.groups[self._group_of[m.group(1)]])
+                     if w != m.group(1)]
+            swaps = [pairs[i] for i in rng.permutation(len(pairs))[: self.count]]
+        negs = [text[:m.start()] + w + text[m.end():] for m, w in swaps]
+        valid = [1] * len(negs) + [0] * (self.count - len(negs))
+        negs += [text] * (self.count - len(negs))
+        if self.count == 1:
+            return {**example, "neg_text": negs[0], "neg_valid": np.int32(valid[0])}
+        return {**example, "neg_text": negs, "neg_valid": np.asarray(valid, np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,13 +321,18 @@ class TokenizeText(grain.transforms.Map):
         return out, np.int32(len(ids))
 
     def map(self, example: dict[str, Any]) -> dict[str, Any]:
-        """Also `neg_text` (from `SwapWordNegative`) -> `neg_text_ids` / `neg_text_len`."""
+        """Also `neg_text` (from `SwapWordNegative`) -> `neg_text_ids` [L] / `neg_text_len` [] (or
+        [K, L] / [K] for a list of K negatives)."""
         tok = _tokenizer(self.tokenizer)
         out = {k: v for k, v in example.items() if k not in ("text", "neg_text")}
         out["text_ids"], out["text_len"] = self._encode(tok, example["text"], example, "text")
-        if "neg_text" in example:
+        if isinstance(example.get("neg_text"), str):
             out["neg_text_ids"], out["neg_text_len"] = self._encode(tok, example["neg_text"], example,
                                                                     "negative text")
+        elif "neg_text" in example:  # K negatives: [K, L] and [K]
+            encoded = [self._encode(tok, t, example, "negative text") for t in example["neg_text"]]
+            out["neg_text_ids"] = np.stack([ids for ids, _ in encoded])
+            out["neg_text_len"] = np.asarray([n for _, n in encoded], np.int32)
         return out
 
 

@@ -34,23 +34,38 @@ def _check_negatives(zt: jax.Array, zt_neg: jax.Array | None, neg_valid: jax.Arr
         if neg_valid is not None:
             raise ValueError("neg_valid was given without zt_neg")
         return
-    if zt_neg.shape != zt.shape:
-        raise ValueError(f"zt_neg must be [B, E] like zt {zt.shape} (one negative per text), got {zt_neg.shape}")
-    if neg_valid is not None and neg_valid.shape != zt.shape[:1]:
-        raise ValueError(f"neg_valid must be [B] = {zt.shape[:1]}, got {neg_valid.shape}")
+    b, e = zt.shape
+    if zt_neg.shape != (b, e) and (zt_neg.ndim != 3 or zt_neg.shape[0] != b or zt_neg.shape[2] != e):
+        raise ValueError(f"zt_neg must be [B, E] (one negative per text) or [B, K, E] (K per text) with "
+                         f"[B, E] = {zt.shape} as zt, got {zt_neg.shape}")
+    if neg_valid is not None and neg_valid.shape != zt_neg.shape[:-1]:
+        raise ValueError(f"neg_valid must be {list(zt_neg.shape[:-1])} (zt_neg's [B] or [B, K]), got "
+                         f"{list(neg_valid.shape)}")
 
 
-def _negative_logits(zi, zt_neg, t, b=0.0):
-    """[B, B] logits of every image (rows) against every negative text (columns)."""
-    return t * zi @ zt_neg.astype(jnp.float32).T + b
+def _negatives(zt_neg, neg_valid):
+    """zt_neg [B, E] or [B, K, E] → [B, K, E] float32, and neg_valid → [B, K] float32 (1 when None)."""
+    zn = zt_neg.astype(jnp.float32)
+    if zn.ndim == 2:
+        zn = zn[:, None]
+        neg_valid = None if neg_valid is None else neg_valid[:, None]
+    valid = jnp.ones(zn.shape[:2], jnp.float32) if neg_valid is None else neg_valid.astype(jnp.float32)
+    return zn, valid
 
 
-def _neg_metrics(logits, neg_logits, neg_valid):
-    """Fraction of images (with a negative) that score their own text above their own negative."""
-    own = jnp.diagonal(neg_logits)
-    valid = jnp.ones_like(own) if neg_valid is None else neg_valid.astype(jnp.float32)
-    beats = (jnp.diagonal(logits) > own).astype(jnp.float32)
-    return {"neg_accuracy": jnp.sum(beats * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
+def _negative_logits(zi, zn, t, b=0.0):
+    """[B, B·K] logits of every image (rows) against every negative text (columns; text j's k-th
+    negative at column j·K + k)."""
+    return t * zi @ zn.reshape(-1, zn.shape[-1]).T + b
+
+
+def _neg_metrics(logits, neg_logits, valid):
+    """Fraction of images (with a negative) that score their own text above all their own negatives."""
+    n, k = valid.shape
+    own = neg_logits.reshape(n, n, k)[jnp.arange(n), jnp.arange(n)]                 # [B, K]
+    beats = jnp.all((jnp.diagonal(logits)[:, None] > own) | (valid == 0), axis=1).astype(jnp.float32)
+    has = jnp.any(valid > 0, axis=1).astype(jnp.float32)
+    return {"neg_accuracy": jnp.sum(beats * has) / jnp.maximum(jnp.sum(has), 1.0)}
 
 
 def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, zt_neg: jax.Array | None = None,
@@ -63,15 +78,17 @@ def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, zt_neg: jax.Array | No
         L = (L_i→t + L_t→i) / 2
 
     Hard negatives (NegCLIP, Yuksekgonul et al. 2023): zt_neg [B, E] holds one negative text per
-    pair (e.g. its caption with a word replaced). They join every image's row as B more columns,
-    n_ik = t · ⟨zi_i, zt_neg_k⟩ (over the whole batch, as NegCLIP's extra texts do), so
-    L_i→t = −1/B Σ_i log( exp(s_ii) / (Σ_j exp(s_ij) + Σ_k exp(n_ik)) ); they have no image, so
-    L_t→i is unchanged. neg_valid [B] (0/1): negatives with 0 are left out (no word to replace).
+    pair (e.g. its caption with a word replaced), or [B, K, E] K of them. They join every image's
+    row as B·K more columns, n_ik = t · ⟨zi_i, zt_neg_k⟩ (over the whole batch, as NegCLIP's extra
+    texts do), so L_i→t = −1/B Σ_i log( exp(s_ii) / (Σ_j exp(s_ij) + Σ_k exp(n_ik)) ); they have
+    no image, so L_t→i is unchanged. neg_valid [B] or [B, K] (0/1): negatives with 0 are left out
+    (no word to replace).
 
-    Args: zi, zt [B, E] normalised; t a scalar; zt_neg [B, E] normalised, neg_valid [B], both
-    optional. Returns (loss, metrics) with metrics "i2t_accuracy" / "t2i_accuracy": the fraction
-    of rows / columns whose argmax is the diagonal (the rows over all their columns), and with
-    negatives "neg_accuracy": the fraction of images whose own text beats their own negative.
+    Args: zi, zt [B, E] normalised; t a scalar; zt_neg [B, E] or [B, K, E] normalised, neg_valid
+    [B] or [B, K], both optional. Returns (loss, metrics) with metrics "i2t_accuracy" /
+    "t2i_accuracy": the fraction of rows / columns whose argmax is the diagonal (the rows over all
+    their columns), and with negatives "neg_accuracy": the fraction of images whose own text beats
+    all their own negatives.
     """
     _check_pair(zi, zt)
     _check_negatives(zt, zt_neg, neg_valid)
@@ -80,10 +97,9 @@ def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, zt_neg: jax.Array | No
     positives = jnp.diagonal(logits)  # [B], s_ii
     rows = logits
     if zt_neg is not None:
-        neg = _negative_logits(zi, zt_neg, t)
-        if neg_valid is not None:
-            neg = jnp.where(neg_valid[None, :] > 0, neg, -jnp.inf)
-        rows = jnp.concatenate([logits, neg], axis=1)  # [B, 2B]
+        zn, valid = _negatives(zt_neg, neg_valid)
+        neg = jnp.where(valid.reshape(1, -1) > 0, _negative_logits(zi, zn, t), -jnp.inf)
+        rows = jnp.concatenate([logits, neg], axis=1)  # [B, B + B·K]
     loss_i2t = jnp.mean(jax.nn.logsumexp(rows, axis=1) - positives)
     loss_t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - positives)
     loss = 0.5 * (loss_i2t + loss_t2i)
@@ -95,7 +111,7 @@ def clip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, zt_neg: jax.Array | No
         "t2i_accuracy": jnp.mean((jnp.argmax(logits, axis=0) == target).astype(jnp.float32)),
     }
     if zt_neg is not None:
-        metrics.update(_neg_metrics(logits, neg, neg_valid))
+        metrics.update(_neg_metrics(logits, neg, valid))
     return loss, metrics
 
 
@@ -119,8 +135,8 @@ def siglip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, b: jax.Array, zt_neg
         L = −1/B Σ_ij log σ( z_ij (t·s_ij + b) )
 
     Note the normalisation by B (not B²): the sum runs over all B² pairs. Hard negatives
-    (zt_neg [B, E], neg_valid [B] as in `clip_loss`) add B more negative pairs per image:
-    −1/B Σ_ik valid_k log σ(−(t·⟨zi_i, zt_neg_k⟩ + b)). Args: zi, zt [B, E] normalised; t, b
+    (zt_neg [B, E] or [B, K, E], neg_valid [B] or [B, K] as in `clip_loss`) add B·K more negative
+    pairs per image: −1/B Σ_ik valid_k log σ(−(t·⟨zi_i, zt_neg_k⟩ + b)). Args: zi, zt [B, E] normalised; t, b
     scalars. Returns (loss, metrics) with the top-1 accuracies as for CLIP (over the positives'
     texts) and "neg_accuracy" with negatives.
     """
@@ -132,11 +148,9 @@ def siglip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, b: jax.Array, zt_neg
     labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0  # z_ij
     total = -jnp.sum(jax.nn.log_sigmoid(labels * logits))
     if zt_neg is not None:
-        neg = _negative_logits(zi, zt_neg, t, b)
-        per_pair = -jax.nn.log_sigmoid(-neg)
-        if neg_valid is not None:
-            per_pair = per_pair * neg_valid.astype(jnp.float32)[None, :]
-        total = total + jnp.sum(per_pair)
+        zn, valid = _negatives(zt_neg, neg_valid)
+        neg = _negative_logits(zi, zn, t, b)
+        total = total + jnp.sum(-jax.nn.log_sigmoid(-neg) * valid.reshape(1, -1))
     loss = total / logits.shape[0]
     target = jnp.arange(logits.shape[0])
     metrics = {
@@ -144,7 +158,7 @@ def siglip_loss(zi: jax.Array, zt: jax.Array, t: jax.Array, b: jax.Array, zt_neg
         "t2i_accuracy": jnp.mean((jnp.argmax(logits, axis=0) == target).astype(jnp.float32)),
     }
     if zt_neg is not None:
-        metrics.update(_neg_metrics(logits, neg, neg_valid))
+        metrics.update(_neg_metrics(logits, neg, valid))
     return loss, metrics
 
 

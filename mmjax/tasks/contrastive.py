@@ -3,7 +3,8 @@ retrieval evaluation.
 
 Batches: {"image": [B, H, W, C] float32, "text_ids": [B, L] int32, "text_len": [B] int32}, and
 with `data.text_negatives` (hard negative captions, NegCLIP-style) also "neg_text_ids" [B, L],
-"neg_text_len" [B] and "neg_valid" [B] int32 in training batches.
+"neg_text_len" [B] and "neg_valid" [B] int32 in training batches ([B, K, L], [B, K], [B, K] with
+`data.text_negatives_per_text` K > 1).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ class ContrastiveTask(Task):
                  "text_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
                  "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
         if self.cfg.data.text_negatives:
-            batch.update(neg_text_ids=batch["text_ids"], neg_text_len=batch["text_len"],
-                         neg_valid=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+            k = self.cfg.data.text_negatives_per_text
+            per = () if k == 1 else (k,)
+            batch.update(neg_text_ids=jax.ShapeDtypeStruct((batch_size, *per, length), jnp.int32),
+                         neg_text_len=jax.ShapeDtypeStruct((batch_size, *per), jnp.int32),
+                         neg_valid=jax.ShapeDtypeStruct((batch_size, *per), jnp.int32))
         return batch
 
     def init_params(self, rng):
@@ -86,19 +90,23 @@ class ContrastiveTask(Task):
     def _embed(self, params, batch, train, rng=None):
         """aux of the model (normalised "image", "text", "temperature", "bias"), plus "neg_text"
         when the batch has negative texts: they go through the text tower in the same call,
-        interleaved with the positives ([B, 2, L] → [2B, L]), so each row stays on its device."""
+        interleaved with the positives ([B, 1 + K, L] → [(1 + K)B, L]), so each row stays on its device;
+        "neg_text" is [B, E] for one negative per text, [B, K, E] for K."""
         ids, lengths = batch["text_ids"], batch["text_len"]
         negatives = "neg_text_ids" in batch
         if negatives:
             b, length = ids.shape
-            ids = jnp.stack([ids, batch["neg_text_ids"]], axis=1).reshape(2 * b, length)
-            lengths = jnp.stack([lengths, batch["neg_text_len"]], axis=1).reshape(2 * b)
+            neg_ids, neg_len = batch["neg_text_ids"], batch["neg_text_len"]
+            per = neg_ids.shape[1:-1]  # () or (K,)
+            k = neg_ids.shape[1] if per else 1
+            ids = jnp.concatenate([ids[:, None], neg_ids.reshape(b, k, length)], axis=1).reshape((1 + k) * b, length)
+            lengths = jnp.concatenate([lengths[:, None], neg_len.reshape(b, k)], axis=1).reshape((1 + k) * b)
         valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
         rngs = {"dropout": rng} if rng is not None else {}
         _, _, aux = self.model.apply({"params": params}, batch["image"], ids, valid=valid, train=train, rngs=rngs)
         if negatives:
-            pairs = aux["text"].reshape(b, 2, -1)
-            aux = {**aux, "text": pairs[:, 0], "neg_text": pairs[:, 1]}
+            groups = aux["text"].reshape(b, 1 + k, -1)
+            aux = {**aux, "text": groups[:, 0], "neg_text": groups[:, 1:].reshape(b, *per, -1)}
         return aux
 
     def loss_fn(self, params, extra, batch, rng):
@@ -121,7 +129,8 @@ class ContrastiveTask(Task):
 
     def train_flops_per_example(self):
         c = self.cfg
-        texts = 2 if c.data.text_negatives else 1  # a negative text per example goes through the tower too
+        # the negative texts of an example go through the tower too
+        texts = 1 + (c.data.text_negatives_per_text if c.data.text_negatives else 0)
         return 3.0 * (vit_forward_flops(c.model.vision) + texts * _text_flops(c.model, c.data.max_text_len))
 
     def check_batch(self, batch, step):
