@@ -28,9 +28,11 @@ shape-word swaps drawn without replacement, so a one-object caption meets all fi
 this config otherwise, measured on a slower 2-core machine (AMD EPYC, AVX2) where this config's
 step takes ~2 s against ~3.9 s with five: test shape 72.8%, colour 89.1%, position 100%, R@1
 72.3% / 93.8%; test_novel shape 70.7% (44.5% with one negative), colour 100%, position 100%,
-R@1 58.7% / 66.6%; 33.9 min. Shape gains 10 points on test and 26 on test_novel, colour on test
-loses 5.5 (seed-to-seed noise is not measured), and the text tower's 6× work doubles the step, so
-one negative stays the default here.
+R@1 58.7% / 66.6%; 33.9 min. With two (~2.5 s per step there): test shape 60.7%, colour 97.0%,
+position 100%, R@1 72.7% / 94.9%; test_novel shape 57.4%, colour 99.8%; 22.7 min. More negatives
+help shape on test_novel most (44.5 → 57.4 → 70.7%); on test, shape moves only with five and colour
+goes 94.6 → 97.0 → 89.1% (seed-to-seed noise is not measured). The text tower's extra work makes
+the step 1.3× (two) and 2× (five) longer, so one negative stays the default here.
 
 What the shape figure hides, and what was tried (figures on `test`, single objects):
 - The image tower does carry shape: ranking the six captions that differ only in the shape word
