@@ -35,21 +35,24 @@ def hf_and_ours(tmp_path_factory):
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
                         rope_theta=10_000.0, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1,
                         eos_token_id=2, attn_implementation="eager")
-    torch.manual_seed(0)
-    hf = T.LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    hf.eval()
-    model, params = mmjax.load_pretrained(_save(hf, tmp_path_factory.mktemp("llama")))
+    hf, model, params = _hf_and_converted(cfg, tmp_path_factory.mktemp("llama"), seed=0)
     assert isinstance(model, LM)
     return hf, model, params
 
 
-def _save(hf, path):
+def _hf_and_converted(cfg, path, seed):
+    """A random HF Llama (weights redrawn with std 0.1, norm scales around 1; see the module docstring),
+    saved to `path` and loaded back with mmjax.load_pretrained: (hf, model, params)."""
+    torch.manual_seed(seed)
+    hf = T.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    hf.eval()
     hf.save_pretrained(path)
-    return path
+    model, params = mmjax.load_pretrained(path)
+    return hf, model, params
 
 
 def _hf_generate(hf, prompts, new, eos=None):
@@ -111,14 +114,7 @@ def test_tied_head_greedy_matches_hf(tmp_path):
     cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                         tie_word_embeddings=True, pad_token_id=PAD, attn_implementation="eager")
-    torch.manual_seed(1)
-    hf = T.LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    hf.eval()
-    model, params = mmjax.load_pretrained(_save(hf, tmp_path))
+    hf, model, params = _hf_and_converted(cfg, tmp_path, seed=1)
     assert model.cfg.tie_embeddings and "head" not in params
     want = _hf_generate(hf, PROMPTS[:2], 16)
     np.testing.assert_array_equal(generate(model, params, PROMPTS[:2], max_new_tokens=16, pad_id=PAD).tokens, want)
