@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,31 @@ def test_causal_tokens_ignore_the_future_and_padding(text_params):
     pa, _ = full.apply({"params": text_params}, a, valid=valid)
     pb, _ = full.apply({"params": text_params}, b, valid=valid)
     np.testing.assert_allclose(pa, pb, atol=1e-5)  # padding keys are masked out
+
+
+def test_bag_of_tokens_tower_is_a_mean_of_normed_embeddings():
+    """depth 0, posemb 'none', mean pooling: pooled = mean over valid tokens of LayerNorm(e_tok)
+    (numpy), so word order and padding do not matter."""
+    cfg = dataclasses.replace(TEXT, encoder=dataclasses.replace(ENC, depth=0, norm_eps=1e-5), causal=False,
+                              pool="mean", posemb="none")
+    m = TextTransformer(cfg)
+    params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    assert "posemb" not in params
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    ids = np.array([[5, 7, 49, 3, 0, 0], [3, 49, 7, 5, 11, 2]])
+    valid = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], bool)  # row 1: row 0's tokens reordered
+    pooled, _ = m.apply({"params": params}, jnp.asarray(ids), valid=jnp.asarray(valid))
+
+    e = np.asarray(params["token_embedding"], np.float64)[ids]
+    norm = params["encoder"]["final_norm"]
+    ln = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
+    ln = ln * np.asarray(norm["scale"]) + np.asarray(norm["bias"])
+    want = (ln * valid[..., None]).sum(1) / valid.sum(1, keepdims=True)
+    np.testing.assert_allclose(pooled, want, atol=1e-5)
+    np.testing.assert_allclose(pooled[0], pooled[1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown text posemb 'rope'"):
+        TextTransformer(dataclasses.replace(cfg, posemb="rope")).init(jax.random.PRNGKey(0),
+                                                                      jnp.zeros((1, 8), jnp.int32))
 
 
 def test_bad_text_input(text_params):

@@ -271,6 +271,7 @@ class _HFTwoTowers(Family):
             (c.text_projection_bias != sig, f"text_projection_bias={c.text_projection_bias}"),
             ((c.logit_bias_init is not None) != sig, "logit_bias"),
             (t.causal == sig, f"text causal={t.causal}"),
+            (t.posemb != "learned", f"text posemb={t.posemb!r}"),
             (sig and t.pool != "last", f"text pool={t.pool!r} (SigLIP pools the last token)"),
             (not sig and t.pool not in ("eot_argmax", "eos"), f"text pool={t.pool!r}"),
         ) if bad]

@@ -24,6 +24,7 @@ from mmjax.models.vit import MapHead
 from mmjax.sharding import constrain
 
 TextPool = Literal["eot_argmax", "eos", "last", "first", "mean", "map"]
+TextPosEmb = Literal["learned", "none"]
 
 
 @config
@@ -35,6 +36,10 @@ class TextConfig:
     causal: bool = True
     pool: TextPool = "eot_argmax"
     eos_id: int | None = None  # for pool="eos"
+    # "none": no position embedding. With encoder depth 0 and pool="mean" the tower is then a bag of
+    # tokens, mean(LN(e_tok)) → projection: each word adds the same vector wherever it stands, so a
+    # short prompt ("a circle") lands where the full captions' word vectors point.
+    posemb: TextPosEmb = "learned"
 
 
 def check_token_ids(ids, vocab_size: int, max_len: int) -> None:
@@ -64,7 +69,10 @@ class TextTransformer(nn.Module):
         embed = self.param("token_embedding", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")), (c.vocab_size, e.width), pdt)
         x = jnp.take(embed, ids, axis=0).astype(dt)
-        x = LearnedPosEmb(c.max_len, param_dtype=pdt, name="posemb")(_pad_to(x, c.max_len))[:, : ids.shape[1]]
+        if c.posemb == "learned":
+            x = LearnedPosEmb(c.max_len, param_dtype=pdt, name="posemb")(_pad_to(x, c.max_len))[:, : ids.shape[1]]
+        elif c.posemb != "none":
+            raise ValueError(f"unknown text posemb {c.posemb!r}; expected 'learned' or 'none'")
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         length = ids.shape[1]
         mask = make_attention_mask(length, causal=c.causal, kv_valid=valid)
