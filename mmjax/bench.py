@@ -613,8 +613,8 @@ class ClipBenchConfig:
 
 
 CLIP_CONFIGS: dict[str, ClipBenchConfig] = {
-    # experiments/clip_shapes.py's model: 32 px, patch 4 (N = 64), both towers 128 wide, 4 deep;
-    # a 512-token BPE vocabulary and 48-token texts.
+    # A tiny CLIP of the size clip_shapes trains (32 px, a 512-token BPE vocabulary, 48-token texts),
+    # as HF's CLIPModel can express it: patch 4 (N = 64), both towers 128 wide and 4 deep.
     "tiny": ClipBenchConfig(image_size=32, patch_size=4, vision_width=128, vision_depth=4, vision_heads=4,
                             vision_mlp=512, text_width=128, text_depth=4, text_heads=4, text_mlp=512, text_len=48,
                             vocab_size=512, embed_dim=128, activation="gelu", batch_size=128),
