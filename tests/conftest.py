@@ -1,12 +1,31 @@
-"""Test set-up: 8 simulated CPU devices for the sharding tests (must be set before jax loads)."""
+"""Test set-up: 8 simulated CPU devices for the sharding tests (must be set before jax loads), and
+one persistent compilation cache per test run."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import pytest
+# Many tests compile the same programs (the same tiny train step in several training-loop tests, in
+# both xdist workers and in the CLI runs they start): a compilation cache made by the controlling
+# process, inherited by the workers and their subprocesses through the environment, compiles each
+# once (tests/test_train.py + test_contrastive_task.py with -n 2: 248 s → 209 s). It is removed at
+# the end; a cache dir set from outside is used as it is.
+_OWN_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
