@@ -97,9 +97,7 @@ def test_sigkill_resume_is_bitwise(digits_dir, tmp_path, read_params):
                                                   "train.checkpoint_every=25", "train.log_every=25",
                                                   "model.encoder.depth=2", "train.batch_size=64"]]
     cmd = [sys.executable, "-m", "mmjax.cli", "train", "--config", "experiments/vit_digits.py"]
-    # The three runs compile the same programs: a compilation cache shared by them leaves one compile.
-    env = dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, XLA_FLAGS="")  # keeps the suite's compilation cache (tests/conftest.py)
     subprocess.run(cmd + ["--workdir", str(tmp_path / "ref")] + overrides, check=True, env=env,
                    capture_output=True)
     proc = subprocess.Popen(cmd + ["--workdir", str(tmp_path / "killed")] + overrides, env=env,
