@@ -111,6 +111,8 @@ def machine_info() -> dict:
     import flax
     import jaxlib
     import optax
+
+    from mmjax.runtime import thp_mode
     dev = jax.devices()[0]
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -130,6 +132,10 @@ def machine_info() -> dict:
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # The `mmjax` command runs under glibc.malloc.hugetlb=1 (mmjax/runtime.py); benchmark sides
+        # started from it, ours and PyTorch's, inherit the same environment.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "thp_mode": thp_mode(),
     }
 
 

@@ -72,5 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `mmjax` console script: `main` under huge-page malloc (`mmjax.runtime`), then exit."""
+    from mmjax.runtime import reexec_with_hugepage_malloc
+    reexec_with_hugepage_malloc(sys.argv[1:], "mmjax.cli")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices for the sharding tests (must be set before jax loads), and
-one persistent compilation cache per test run."""
+"""Test set-up: 8 simulated CPU devices for the sharding tests (must be set before jax loads), one
+persistent compilation cache per test run, and huge-page malloc for the workers."""
 
 import os
 import shutil
@@ -19,6 +19,15 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
     _OWN_CACHE = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+# xdist workers and CLI subprocesses run with huge-page malloc, as the `mmjax` command does (see
+# mmjax/runtime.py: XLA:CPU's per-execution temp block otherwise faults in 4 KiB at a time).
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    from mmjax.runtime import hugepage_malloc_env_here
+
+    _env = hugepage_malloc_env_here()
+    if _env is not None:
+        os.environ["GLIBC_TUNABLES"] = _env["GLIBC_TUNABLES"]
 
 import pytest  # noqa: E402  (after the environment above)
 
