@@ -77,11 +77,14 @@ def reexec_with_hugepage_malloc(argv: Sequence[str], module: str) -> None:
     """Replaces this process with `python -m module *argv` under `hugepage_malloc_env`, when that
     applies; returns (doing nothing) otherwise. Call it first thing in a command's entry point."""
     env = hugepage_malloc_env_here()
-    if env is None:
+    if env is None or not sys.executable:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    except OSError as e:  # run on without huge pages rather than not at all
+        print(f"mmjax: could not re-execute with {TUNABLE} ({e}); continuing without it", file=sys.stderr)
 
 
 def main() -> None:
