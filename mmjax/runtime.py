@@ -6,10 +6,11 @@ when the execution ends. glibc serves a block that large from a thread arena wit
 returns it with `munmap` (the `mmap_max` / `mmap_threshold` tunables cannot keep it: thread arenas
 always map blocks above their 64 MiB heap size), so every step faults the whole block in again,
 4 KiB at a time, and the kernel zeroes each page. Measured on a 2-core AMD EPYC (kernel THP mode
-"madvise"): 247 K minor faults and 0.8 s of kernel time per tiny-CLIP step (1.6 s), against 12 K
+"madvise"): 247 K minor faults and 0.8 s of kernel time per tiny-CLIP step (1.6 s), against 12–28 K
 faults for PyTorch's step. With glibc's `glibc.malloc.hugetlb=1` malloc asks for transparent huge
 pages (`madvise(MADV_HUGEPAGE)`) on the memory it maps, the block faults in 2 MiB at a time: 1.1 K
-faults, 0.13 s of kernel time, and the step takes 1.15–1.3 s.
+faults, 0.13 s of kernel time, and the step takes 1.15–1.4 s (a noisy
+machine; single runs).
 
 How. `GLIBC_TUNABLES` is read once, when a process starts, so the `mmjax` command re-executes
 itself with `glibc.malloc.hugetlb=1` added (`reexec_with_hugepage_malloc`, called before anything
@@ -93,7 +94,7 @@ def main() -> None:
     reexec_with_hugepage_malloc(sys.argv[1:], "mmjax.runtime")
     print(json.dumps({"system": platform.system(), "glibc": ".".join(map(str, glibc_version() or ())) or None,
                       "thp_mode": thp_mode(), "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
-                      "hugepage_malloc": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}))
+                      "hugepage_malloc": TUNABLE in os.environ.get("GLIBC_TUNABLES", "")}))
 
 
 if __name__ == "__main__":
