@@ -232,3 +232,37 @@ def test_scan_equals_unscanned(remat):
     g2 = jax.grad(lambda p: scanned.apply({"params": p}, x)[0].sum())(ps)
     np.testing.assert_allclose(g1["block_2"]["mlp"]["fc1"]["kernel"],
                                g2["blocks"]["block"]["mlp"]["fc1"]["kernel"][2], atol=1e-4)
+
+
+def test_fusion_barrier_is_the_identity_with_the_identity_gradient():
+    from mmjax.layers.transformer import fusion_barrier
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    f = lambda x: jnp.sum(jnp.tanh(2 * fusion_barrier(x)) ** 2)
+    t = np.tanh(2 * x)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), 4 * t * (1 - t ** 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(fusion_barrier(x), x)
+    assert jax.jit(jax.grad(f)).lower(x).compile().as_text().count("conditional(") == 1  # the cotangent's
+
+
+def _widest_backward_fusion(depth: int, barriers: bool, monkeypatch) -> int:
+    """Operands of the widest fusion XLA makes in the gradient of an unrolled stack."""
+    import re
+
+    import mmjax.layers.transformer as tr
+    monkeypatch.setattr(tr, "FUSION_BARRIERS", barriers)
+    model = Transformer(TransformerConfig(width=32, depth=depth, num_heads=2, mlp_dim=64))
+    x = jnp.ones((2, 16, 32))
+    params = model.init(jax.random.key(0), x)
+    hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x)[0] ** 2))).lower(params, x).compile().as_text()
+    return max(m.group(1).count("%") for m in re.finditer(r"= \S+ fusion\((.*?)\), kind=", hlo))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="fusion barriers are an XLA:CPU measure")
+def test_fusion_barriers_keep_backward_fusions_from_growing_with_depth(monkeypatch):
+    """Without barriers XLA:CPU fuses the residual cotangent's chain of adds into each block's consumers,
+    so the widest backward fusion grows with depth (the reason the barriers exist: 183 operands for one
+    S/16 fusion); with them it reads the same few operands at any depth."""
+    bare = [_widest_backward_fusion(d, False, monkeypatch) for d in (2, 4)]
+    assert bare[1] >= bare[0] + 30, bare
+    fenced = [_widest_backward_fusion(d, True, monkeypatch) for d in (2, 4)]
+    assert fenced[0] == fenced[1] <= 16, fenced
