@@ -23,9 +23,10 @@ consumers recomputed the chain from the top: one fusion for block 2 of the ViT-S
 183 operands, and such fusions took 8.0 s of the step's 24 s of thread time (the S/16 CLIP train
 step, batch 16, 2-core EPYC). `jax.lax.optimization_barrier` cannot stop it: XLA:CPU expands
 barriers away before fusion. So, on the CPU backend and without a KV cache, each residual add's
-output passes through `fusion_barrier`, which makes XLA materialise its cotangent. Same-process
-medians of that step against HF's (PyTorch's speed = 1): 0.43 → 0.78 (S/16, scan_layers off);
-tiny CLIP 0.93 → 1.04.
+output passes through `fusion_barrier`, which makes XLA materialise its cotangent. Medians of that
+step against HF's with the variants alternated in one process (PyTorch's speed = 1): 0.43 → 0.78
+(S/16, scan_layers off); tiny CLIP 0.93 → 1.04 (`mmjax bench`, each side in its own process: S/16
+0.47 → 0.78, tiny 0.91).
 """
 
 from __future__ import annotations
