@@ -88,6 +88,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     t = cfg.train
     if t.steps <= 0 or t.batch_size <= 0 or t.eval_batch_size <= 0:
         raise ConfigError("train.steps, train.batch_size and train.eval_batch_size must be positive")
+    from mmjax.train.optim import make_schedule
+    make_schedule(cfg.optim, t.steps)  # a warm-up as long as the run: refused before the workdir is touched
     return cfg
 
 

@@ -51,6 +51,15 @@ def test_workdir_with_other_config_is_refused(digits_dir, tmp_path):
         train(_cfg(digits_dir, "train.steps=5", "optim.peak_lr=0.1"), tmp_path)
 
 
+def test_warmup_longer_than_the_run_is_a_cli_error_before_the_workdir_is_written(tmp_path, capsys):
+    from mmjax.cli import main
+    workdir = tmp_path / "run"
+    rc = main(["train", "--config", "experiments/vit_digits.py", "--workdir", str(workdir), "--config.train.steps=20"])
+    assert rc == 2
+    assert "error: optim.warmup_steps=100 must be below the 20 total steps" in capsys.readouterr().err
+    assert not workdir.exists()  # the same workdir still takes the fixed config
+
+
 def test_nan_guard_names_step_and_metric(digits_dir, tmp_path):
     cfg = _cfg(digits_dir, "train.steps=30", "train.log_every=30", "optim.peak_lr=1e12",
                "optim.grad_clip_norm=None", "optim.warmup_steps=0", "optim.schedule=constant",

@@ -13,7 +13,7 @@ from typing import Literal
 import jax
 import optax
 
-from mmjax.config import config
+from mmjax.config import ConfigError, config
 
 
 @config
@@ -46,7 +46,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if cfg.warmup_steps >= total_steps and cfg.schedule != "constant":
-        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be below the {total_steps} total steps")
+        raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be below the {total_steps} total steps "
+                          "(train.steps); lower the warm-up or train longer")
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     end = cfg.peak_lr * cfg.end_lr_ratio
     if cfg.schedule == "cosine":
