@@ -257,7 +257,8 @@ def _widest_backward_fusion(depth: int, barriers: bool, monkeypatch) -> int:
     return max(m.group(1).count("%") for m in re.finditer(r"= \S+ fusion\((.*?)\), kind=", hlo))
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="fusion barriers are an XLA:CPU measure")
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason=f"inspects XLA:CPU's fusion decisions; this backend is {jax.default_backend()}")
 def test_fusion_barriers_keep_backward_fusions_from_growing_with_depth(monkeypatch):
     """Without barriers XLA:CPU fuses the residual cotangent's chain of adds into each block's consumers,
     so the widest backward fusion grows with depth (the reason the barriers exist: 183 operands for one
