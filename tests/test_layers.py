@@ -244,6 +244,24 @@ def test_fusion_barrier_is_the_identity_with_the_identity_gradient():
     assert jax.jit(jax.grad(f)).lower(x).compile().as_text().count("conditional(") == 1  # the cotangent's
 
 
+def test_after_is_the_identity_and_xla_keeps_its_dependency():
+    """after(x, d) is x with x's gradient and none for d; in the compiled program d stays an operand of
+    the conditional that yields x (so what reads x waits for d): the ordering CLIP's towers rely on."""
+    import re
+
+    from mmjax.layers.transformer import after
+    rng = np.random.default_rng(0)
+    x, d = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)
+    gx, gd = jax.jit(jax.grad(lambda x, d: jnp.sum(jnp.tanh(after(x, d))) + jnp.sum(d ** 2), argnums=(0, 1)))(x, d)
+    np.testing.assert_allclose(gx, 1 - np.tanh(x) ** 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gd, 2 * d, rtol=1e-6)  # the direct term only
+    np.testing.assert_array_equal(after(x, d), x)
+    hlo = jax.jit(lambda x, d: after(x, d) * 2).lower(x, d).compile().as_text()
+    types = dict(re.findall(r"%(\S+) = (\(.*?\)|\S+) ", hlo))
+    (operands,) = re.findall(r"= \S+ conditional\((.*?)\), branch_computations", hlo)
+    assert any("f32[5,7]" in types.get(o.strip().lstrip("%"), "") for o in operands.split(",")), operands
+
+
 def _widest_backward_fusion(depth: int, barriers: bool, monkeypatch) -> int:
     """Operands of the widest fusion XLA makes in the gradient of an unrolled stack."""
     import re

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mmjax.config import config
 from mmjax.layers import DenseGeneral
-from mmjax.layers.transformer import to_dtype
+from mmjax.layers.transformer import after, cpu_barriers_on, to_dtype
 from mmjax.models.text import TextConfig, TextTransformer
 from mmjax.models.vit import ViT, ViTConfig
 
@@ -80,8 +80,10 @@ class CLIP(nn.Module):
     def __call__(self, images, ids, *, valid=None, train: bool = False):
         """→ (logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img], aux) with aux holding
         the normalised embeddings "image" / "text" and the scalars "temperature" / "bias"."""
-        zi = l2_normalize(self.encode_image(images, train=train))
         zt = l2_normalize(self.encode_text(ids, valid=valid, train=train))
+        if cpu_barriers_on():  # the towers one after the other: run concurrently, they contend for the cores
+            images = after(images, zt)
+        zi = l2_normalize(self.encode_image(images, train=train))
         t, b = self.temperature_and_bias()
         logits = t * zi @ zt.T + b
         return logits, logits.T, {"image": zi, "text": zt, "temperature": t, "bias": b}
