@@ -132,7 +132,7 @@ def machine_info() -> dict:
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # The `mmjax` command runs under glibc.malloc.hugetlb=1 (mmjax/runtime.py); benchmark sides
+        # The `mmjax` command runs under its malloc tunables (mmjax/runtime.py); benchmark sides
         # started from it, ours and PyTorch's, inherit the same environment.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "thp_mode": thp_mode(),

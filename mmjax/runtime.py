@@ -1,24 +1,33 @@
-"""Process settings for XLA:CPU: transparent huge pages for glibc's malloc.
+"""Process settings for XLA:CPU: glibc's malloc keeps its memory, in transparent huge pages.
 
 Why. XLA:CPU allocates all of one execution's temporaries as a single block (`posix_memalign`
-from an XLA worker thread; about 1 GiB for the tiny CLIP train step at batch 128) and frees it
-when the execution ends. glibc serves a block that large from a thread arena with `mmap` and
-returns it with `munmap` (the `mmap_max` / `mmap_threshold` tunables cannot keep it: thread arenas
-always map blocks above their 64 MiB heap size), so every step faults the whole block in again,
-4 KiB at a time, and the kernel zeroes each page. Measured on a 2-core AMD EPYC (kernel THP mode
-"madvise"): 247 K minor faults and 0.8 s of kernel time per tiny-CLIP step (1.6 s), against 12–28 K
-faults for PyTorch's step. With glibc's `glibc.malloc.hugetlb=1` malloc asks for transparent huge
-pages (`madvise(MADV_HUGEPAGE)`) on the memory it maps, the block faults in 2 MiB at a time: 1.1 K
-faults, 0.13 s of kernel time, and the step takes 1.15–1.4 s (a noisy
-machine; single runs).
+from an XLA worker thread; about 1 GiB for the tiny CLIP train step at batch 128, 3.3 GiB for
+S/16) and frees it when the execution ends. glibc serves a block that large from a thread arena
+with `mmap` and returns it with `munmap` (thread arenas always map blocks above their 64 MiB heap
+size), so every step faults the whole block in again and the kernel zeroes each page. Measured on
+a 2-core AMD EPYC (kernel THP mode "madvise"):
+
+    default malloc                      247 K minor faults, 0.8 s of kernel time per tiny-CLIP step (1.6 s)
+    + glibc.malloc.hugetlb=1            ~1 K faults (2 MiB each), 0.13–0.18 s of kernel time
+    + arena_max=1, mmap_max=0,
+      trim_threshold=64 GiB             0 faults, 0.01 s: the block is reused from one step to the next
+
+`hugetlb=1` makes malloc ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`). The other three
+keep the memory: one arena (the main one, grown with `brk`), no `mmap` for large blocks, and no
+trimming of the heap's top, so a freed temp block stays mapped and the next execution gets it back
+without faults. Huge-page faults alone were cheap on a fresh machine but grew with its uptime (the
+kernel must find, and sometimes compact, free 2 MiB pages): in one later run the tiny CLIP step
+took 2.40 s with `hugetlb=1` alone against 1.47 s with all four (PyTorch's: 1.39 s), alternated in
+one benchmark. The cost: the process keeps its high-water mark of malloc'd memory until it exits.
 
 How. `GLIBC_TUNABLES` is read once, when a process starts, so the `mmjax` command re-executes
-itself with `glibc.malloc.hugetlb=1` added (`reexec_with_hugepage_malloc`, called before anything
-heavy is imported). It does so only on Linux with glibc ≥ 2.35 when the kernel's THP mode is
-"madvise" (with "always" every large mapping gets huge pages already; with "never" the tunable does
-nothing), and never when the variable already holds the tunable or MMJAX_NO_REEXEC is set. Child
-processes (data workers, benchmark sides) inherit the environment. From your own Python process,
-start it as `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python ...` for the same effect.
+itself with the tunables added (`reexec_with_hugepage_malloc`, called before anything heavy is
+imported). On Linux with glibc: the three that keep memory always, `hugetlb=1` with glibc ≥ 2.35
+when the kernel's THP mode is "madvise" (with "always" every large mapping gets huge pages
+already; with "never" the tunable does nothing). A tunable the user has set stands as set; nothing
+happens when MMJAX_NO_REEXEC is set or every tunable is already there. Child processes (data
+workers, benchmark sides) inherit the environment. From your own Python process, start it as
+`GLIBC_TUNABLES=$(python -m mmjax.runtime --tunables) python ...` for the same effect.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import sys
 from collections.abc import Mapping, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+# One arena, no mmap for large blocks, no trimming: freed blocks stay mapped for the next execution.
+KEEP_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
 OPT_OUT = "MMJAX_NO_REEXEC"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -54,17 +65,26 @@ def glibc_version() -> tuple[int, ...] | None:
         return None
 
 
+def tunables_for(*, glibc: tuple[int, ...] | None, thp: str | None) -> tuple[str, ...]:
+    """The malloc tunables this module wants for a glibc version and THP mode (module docstring)."""
+    if glibc is None:
+        return ()
+    return KEEP_MEMORY + ((TUNABLE,) if glibc >= (2, 35) and thp == "madvise" else ())
+
+
 def hugepage_malloc_env(environ: Mapping[str, str], *, system: str, glibc: tuple[int, ...] | None,
                         thp: str | None) -> dict[str, str] | None:
     """The environment to re-execute with, or None when there is nothing to do (see the module
     docstring for the conditions). Pure, so the rule is testable without exec."""
-    if environ.get(OPT_OUT) or system != "Linux" or glibc is None or glibc < (2, 35) or thp != "madvise":
+    if environ.get(OPT_OUT) or system != "Linux":
         return None
     current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
-        return None  # the user's own setting (or ours, after the re-exec) stands
+    have = {item.split("=", 1)[0] for item in current.split(":") if item}
+    add = [t for t in tunables_for(glibc=glibc, thp=thp) if t.split("=", 1)[0] not in have]
+    if not add:
+        return None  # the user's own settings (or ours, after the re-exec) stand
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}" if current else TUNABLE
+    env["GLIBC_TUNABLES"] = ":".join(([current] if current else []) + add)
     return env
 
 
@@ -84,17 +104,26 @@ def reexec_with_hugepage_malloc(argv: Sequence[str], module: str) -> None:
     sys.stderr.flush()
     try:
         os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
-    except OSError as e:  # run on without huge pages rather than not at all
-        print(f"mmjax: could not re-execute with {TUNABLE} ({e}); continuing without it", file=sys.stderr)
+    except OSError as e:  # run on with the default malloc rather than not at all
+        print(f"mmjax: could not re-execute with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ({e}); "
+              "continuing without it", file=sys.stderr)
 
 
-def main() -> None:
-    """`python -m mmjax.runtime`: re-executes as the `mmjax` command does, then prints what applies."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m mmjax.runtime`: re-executes as the `mmjax` command does, then prints what applies.
+    `python -m mmjax.runtime --tunables`: prints the GLIBC_TUNABLES value to start Python with."""
     import json
-    reexec_with_hugepage_malloc(sys.argv[1:], "mmjax.runtime")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--tunables"]:
+        env = hugepage_malloc_env_here({k: v for k, v in os.environ.items() if k != OPT_OUT})
+        print((env or os.environ).get("GLIBC_TUNABLES", ""))
+        return
+    reexec_with_hugepage_malloc(argv, "mmjax.runtime")
+    current = os.environ.get("GLIBC_TUNABLES", "")
     print(json.dumps({"system": platform.system(), "glibc": ".".join(map(str, glibc_version() or ())) or None,
-                      "thp_mode": thp_mode(), "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
-                      "hugepage_malloc": TUNABLE in os.environ.get("GLIBC_TUNABLES", "")}))
+                      "thp_mode": thp_mode(), "GLIBC_TUNABLES": current or None,
+                      "hugepage_malloc": TUNABLE in current,
+                      "keeps_memory": all(t in current for t in KEEP_MEMORY)}))
 
 
 if __name__ == "__main__":

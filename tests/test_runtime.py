@@ -1,4 +1,4 @@
-"""mmjax.runtime: the huge-page malloc re-exec of the `mmjax` command."""
+"""mmjax.runtime: the malloc re-exec of the `mmjax` command (huge pages, memory kept across executions)."""
 
 import json
 import os
@@ -12,26 +12,34 @@ from mmjax import runtime
 LINUX = {"system": "Linux", "glibc": (2, 36), "thp": "madvise"}
 
 
-@pytest.mark.parametrize("environ, expected", [
-    ({}, "glibc.malloc.hugetlb=1"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+KEEP = ":".join(runtime.KEEP_MEMORY)
+
+
+@pytest.mark.parametrize("environ, overrides, expected", [
+    ({}, {}, KEEP + ":glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, {},
+     "glibc.malloc.tcache_count=0:" + KEEP + ":glibc.malloc.hugetlb=1"),
+    # the user's own value of a tunable stands; the others are added
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {},
+     "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}, "glibc.malloc.hugetlb=0:" + KEEP),
+    ({}, {"thp": "always"}, KEEP),   # huge pages come anyway; keeping the memory still saves the faults
+    ({}, {"thp": "never"}, KEEP),
+    ({}, {"glibc": (2, 34)}, KEEP),  # before the hugetlb tunable
 ])
-def test_env_adds_the_tunable_and_keeps_the_users(environ, expected):
-    env = runtime.hugepage_malloc_env({"PATH": "/bin", **environ}, **LINUX)
+def test_env_adds_the_missing_tunables_and_keeps_the_users(environ, overrides, expected):
+    env = runtime.hugepage_malloc_env({"PATH": "/bin", **environ}, **{**LINUX, **overrides})
     assert env["GLIBC_TUNABLES"] == expected
     assert env["PATH"] == "/bin"
 
 
 @pytest.mark.parametrize("environ, overrides", [
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}),        # the user's own choice stands
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, {}),        # already applied: no loop
+    ({"GLIBC_TUNABLES": KEEP + ":glibc.malloc.hugetlb=1"}, {}),  # already applied: no loop
+    ({"GLIBC_TUNABLES": KEEP + ":glibc.malloc.hugetlb=0"}, {}),  # all set by the user
+    ({"GLIBC_TUNABLES": KEEP}, {"thp": "never"}),
     ({"MMJAX_NO_REEXEC": "1"}, {}),
     ({}, {"system": "Darwin"}),
-    ({}, {"glibc": None}),                                      # musl or unknown libc
-    ({}, {"glibc": (2, 34)}),                                   # before the hugetlb tunable
-    ({}, {"thp": "always"}),                                    # huge pages already, no madvise needed
-    ({}, {"thp": "never"}),
-    ({}, {"thp": None}),
+    ({}, {"glibc": None}),                                        # musl or unknown libc
 ])
 def test_env_leaves_the_process_alone(environ, overrides):
     assert runtime.hugepage_malloc_env(environ, **{**LINUX, **overrides}) is None
@@ -56,7 +64,7 @@ def test_module_reexecs_exactly_when_the_rule_says():
         out = subprocess.run([sys.executable, "-m", "mmjax.runtime"], env=env, capture_output=True, text=True,
                              check=True)
         report = json.loads(out.stdout)
-        assert report["hugepage_malloc"] is want, report
+        assert (report["GLIBC_TUNABLES"] is not None) is want, report
 
 
 _FAULTS = """
@@ -66,7 +74,7 @@ def f(x):  # ~200 MB of temporaries, one XLA temp block per execution
     a = jnp.sin(x); b = jnp.cos(x) @ jnp.ones((512, 512)); c = a * b + jnp.tanh(a)
     return c.sum() + a.sum() + b.sum()
 x = jnp.ones((32768, 512))
-f(x).block_until_ready()
+f(x).block_until_ready(); f(x).block_until_ready()
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
     f(x).block_until_ready()
@@ -76,14 +84,19 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 3)
 
 @pytest.mark.skipif(not (runtime.thp_mode() == "madvise" and (runtime.glibc_version() or ()) >= (2, 35)),
                     reason="needs glibc >= 2.35 and the kernel's transparent-huge-page mode 'madvise'")
-def test_xla_temporaries_fault_in_huge_pages_under_the_tunable():
-    """The reason for the re-exec: without the tunable each execution faults its temp block in
-    4 KiB pages again (~50 K faults for 200 MB); with it, in 2 MiB pages."""
+def test_xla_temporaries_fault_in_huge_pages_under_the_tunable_and_not_at_all_when_kept():
+    """The reason for the re-exec: without the tunables each execution faults its temp block in
+    4 KiB pages again (~50 K faults for 200 MB); with hugetlb, in 2 MiB pages; with the memory kept
+    as well, not again."""
     faults = {}
-    for name, env in (("default", _clean_env()), ("hugetlb", _clean_env(GLIBC_TUNABLES=runtime.TUNABLE))):
+    for name, tunables in (("default", None), ("hugetlb", runtime.TUNABLE),
+                           ("kept", ":".join((*runtime.KEEP_MEMORY, runtime.TUNABLE)))):
+        env = _clean_env() if tunables is None else _clean_env(GLIBC_TUNABLES=tunables)
         env["JAX_PLATFORMS"] = "cpu"
-        env.pop("XLA_FLAGS", None)
+        for var in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR"):
+            env.pop(var, None)
         out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
         faults[name] = int(out.stdout.split()[-1])
     assert faults["default"] > 20_000, faults
     assert faults["hugetlb"] * 20 < faults["default"], faults
+    assert faults["kept"] * 4 < faults["hugetlb"], faults
