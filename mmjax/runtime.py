@@ -18,16 +18,21 @@ trimming of the heap's top, so a freed temp block stays mapped and the next exec
 without faults. Huge-page faults alone were cheap on a fresh machine but grew with its uptime (the
 kernel must find, and sometimes compact, free 2 MiB pages): in one later run the tiny CLIP step
 took 2.40 s with `hugetlb=1` alone against 1.47 s with all four (PyTorch's: 1.39 s), alternated in
-one benchmark. The cost: the process keeps its high-water mark of malloc'd memory until it exits.
+one benchmark. But one arena serves every thread, and the main job (a 0.13 M-param ViT, 10 ms
+steps fed by grain's threads) took 195–199 s with all four against 164 s with `hugetlb=1` alone
+(back-to-back runs). So keeping the memory is opt-in, MMJAX_KEEP_MEMORY=1, and `mmjax bench` /
+`mmjax bench-decode` set it (both sides of a comparison inherit it); the process then keeps its
+high-water mark of malloc'd memory until it exits.
 
 How. `GLIBC_TUNABLES` is read once, when a process starts, so the `mmjax` command re-executes
 itself with the tunables added (`reexec_with_hugepage_malloc`, called before anything heavy is
-imported). On Linux with glibc: the three that keep memory always, `hugetlb=1` with glibc ≥ 2.35
-when the kernel's THP mode is "madvise" (with "always" every large mapping gets huge pages
+imported). On Linux with glibc: the three that keep memory when MMJAX_KEEP_MEMORY=1, `hugetlb=1`
+with glibc ≥ 2.35 when the kernel's THP mode is "madvise" (with "always" every large mapping gets huge pages
 already; with "never" the tunable does nothing). A tunable the user has set stands as set; nothing
 happens when MMJAX_NO_REEXEC is set or every tunable is already there. Child processes (data
 workers, benchmark sides) inherit the environment. From your own Python process, start it as
-`GLIBC_TUNABLES=$(python -m mmjax.runtime --tunables) python ...` for the same effect.
+`GLIBC_TUNABLES=$(python -m mmjax.runtime --tunables) python ...` for the same effect (with
+MMJAX_KEEP_MEMORY=1 in front of both for all four).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 # One arena, no mmap for large blocks, no trimming: freed blocks stay mapped for the next execution.
 KEEP_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
 OPT_OUT = "MMJAX_NO_REEXEC"
+KEEP_MEMORY_VAR = "MMJAX_KEEP_MEMORY"  # "1": add KEEP_MEMORY (set by `mmjax bench` / `bench-decode`)
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -65,11 +71,11 @@ def glibc_version() -> tuple[int, ...] | None:
         return None
 
 
-def tunables_for(*, glibc: tuple[int, ...] | None, thp: str | None) -> tuple[str, ...]:
+def tunables_for(*, glibc: tuple[int, ...] | None, thp: str | None, keep_memory: bool) -> tuple[str, ...]:
     """The malloc tunables this module wants for a glibc version and THP mode (module docstring)."""
     if glibc is None:
         return ()
-    return KEEP_MEMORY + ((TUNABLE,) if glibc >= (2, 35) and thp == "madvise" else ())
+    return (KEEP_MEMORY if keep_memory else ()) + ((TUNABLE,) if glibc >= (2, 35) and thp == "madvise" else ())
 
 
 def hugepage_malloc_env(environ: Mapping[str, str], *, system: str, glibc: tuple[int, ...] | None,
@@ -80,7 +86,8 @@ def hugepage_malloc_env(environ: Mapping[str, str], *, system: str, glibc: tuple
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     have = {item.split("=", 1)[0] for item in current.split(":") if item}
-    add = [t for t in tunables_for(glibc=glibc, thp=thp) if t.split("=", 1)[0] not in have]
+    keep = environ.get(KEEP_MEMORY_VAR) == "1"
+    add = [t for t in tunables_for(glibc=glibc, thp=thp, keep_memory=keep) if t.split("=", 1)[0] not in have]
     if not add:
         return None  # the user's own settings (or ours, after the re-exec) stand
     env = dict(environ)

@@ -15,17 +15,21 @@ LINUX = {"system": "Linux", "glibc": (2, 36), "thp": "madvise"}
 KEEP = ":".join(runtime.KEEP_MEMORY)
 
 
+HUGE = "glibc.malloc.hugetlb=1"
+KEEP = ":".join(runtime.KEEP_MEMORY)
+KEEPING = {"MMJAX_KEEP_MEMORY": "1"}
+
+
 @pytest.mark.parametrize("environ, overrides, expected", [
-    ({}, {}, KEEP + ":glibc.malloc.hugetlb=1"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, {},
-     "glibc.malloc.tcache_count=0:" + KEEP + ":glibc.malloc.hugetlb=1"),
+    ({}, {}, HUGE),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {}, "glibc.malloc.arena_max=2:" + HUGE),
+    (KEEPING, {}, KEEP + ":" + HUGE),
     # the user's own value of a tunable stands; the others are added
-    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {},
-     "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}, "glibc.malloc.hugetlb=0:" + KEEP),
-    ({}, {"thp": "always"}, KEEP),   # huge pages come anyway; keeping the memory still saves the faults
-    ({}, {"thp": "never"}, KEEP),
-    ({}, {"glibc": (2, 34)}, KEEP),  # before the hugetlb tunable
+    ({**KEEPING, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {},
+     "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:" + HUGE),
+    ({**KEEPING, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}, "glibc.malloc.hugetlb=0:" + KEEP),
+    (KEEPING, {"thp": "always"}, KEEP),   # huge pages come anyway; keeping the memory still saves the faults
+    (KEEPING, {"glibc": (2, 34)}, KEEP),  # before the hugetlb tunable
 ])
 def test_env_adds_the_missing_tunables_and_keeps_the_users(environ, overrides, expected):
     env = runtime.hugepage_malloc_env({"PATH": "/bin", **environ}, **{**LINUX, **overrides})
@@ -34,15 +38,34 @@ def test_env_adds_the_missing_tunables_and_keeps_the_users(environ, overrides, e
 
 
 @pytest.mark.parametrize("environ, overrides", [
-    ({"GLIBC_TUNABLES": KEEP + ":glibc.malloc.hugetlb=1"}, {}),  # already applied: no loop
-    ({"GLIBC_TUNABLES": KEEP + ":glibc.malloc.hugetlb=0"}, {}),  # all set by the user
-    ({"GLIBC_TUNABLES": KEEP}, {"thp": "never"}),
+    ({"GLIBC_TUNABLES": HUGE}, {}),                                # already applied: no loop
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}),            # the user's own choice stands
+    ({**KEEPING, "GLIBC_TUNABLES": KEEP + ":" + HUGE}, {}),
     ({"MMJAX_NO_REEXEC": "1"}, {}),
     ({}, {"system": "Darwin"}),
-    ({}, {"glibc": None}),                                        # musl or unknown libc
+    ({}, {"glibc": None}),                                         # musl or unknown libc
+    ({}, {"glibc": (2, 34)}),                                      # before the hugetlb tunable
+    ({}, {"thp": "always"}),                                       # huge pages already, no madvise needed
+    ({}, {"thp": "never"}),
+    ({}, {"thp": None}),
 ])
 def test_env_leaves_the_process_alone(environ, overrides):
     assert runtime.hugepage_malloc_env(environ, **{**LINUX, **overrides}) is None
+
+
+def test_bench_commands_keep_the_memory(monkeypatch):
+    """`mmjax bench` / `bench-decode` re-exec with the memory-keeping tunables; `train` without them."""
+    import mmjax.cli as cli
+    seen = {}
+    monkeypatch.setattr(runtime, "reexec_with_hugepage_malloc",
+                        lambda argv, module: seen.setdefault(argv[0], os.environ.get(runtime.KEEP_MEMORY_VAR)))
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    for command in ("bench", "bench-decode", "train"):
+        monkeypatch.delenv(runtime.KEEP_MEMORY_VAR, raising=False)
+        monkeypatch.setattr(sys, "argv", ["mmjax", command])
+        with pytest.raises(SystemExit):
+            cli.entry()
+    assert seen == {"bench": "1", "bench-decode": "1", "train": None}
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
