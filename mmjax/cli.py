@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `mmjax` console script: `main` under huge-page malloc (`mmjax.runtime`), then exit.
-    Benchmarks also keep malloc's memory between executions (one big step at a time, no data
-    pipeline: the case where it pays; see mmjax/runtime.py)."""
+    `mmjax bench` also keeps malloc's memory between executions (one big train step at a time, no
+    data pipeline: the case where it pays; see mmjax/runtime.py)."""
     from mmjax.runtime import KEEP_MEMORY_VAR, reexec_with_hugepage_malloc
-    if sys.argv[1:2] in (["bench"], ["bench-decode"]):
+    if sys.argv[1:2] == ["bench"]:
         os.environ.setdefault(KEEP_MEMORY_VAR, "1")
     reexec_with_hugepage_malloc(sys.argv[1:], "mmjax.cli")
     sys.exit(main())

@@ -20,9 +20,11 @@ kernel must find, and sometimes compact, free 2 MiB pages): in one later run the
 took 2.40 s with `hugetlb=1` alone against 1.47 s with all four (PyTorch's: 1.39 s), alternated in
 one benchmark. But one arena serves every thread, and the main job (a 0.13 M-param ViT, 10 ms
 steps fed by grain's threads) took 195–199 s with all four against 164 s with `hugetlb=1` alone
-(back-to-back runs). So keeping the memory is opt-in, MMJAX_KEEP_MEMORY=1, and `mmjax bench` /
-`mmjax bench-decode` set it (both sides of a comparison inherit it); the process then keeps its
-high-water mark of malloc'd memory until it exits.
+(back-to-back runs), and greedy decoding at batch 8 took 27.7 against 24.2 ms per token (small
+temp blocks; PyTorch's went the other way, 50.8 against 58.1 ms). So keeping the memory is
+opt-in, MMJAX_KEEP_MEMORY=1, and `mmjax bench` sets it for its train steps (both sides of a
+comparison inherit it); the process then keeps its high-water mark of malloc'd memory until it
+exits.
 
 How. `GLIBC_TUNABLES` is read once, when a process starts, so the `mmjax` command re-executes
 itself with the tunables added (`reexec_with_hugepage_malloc`, called before anything heavy is
@@ -46,7 +48,7 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 # One arena, no mmap for large blocks, no trimming: freed blocks stay mapped for the next execution.
 KEEP_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
 OPT_OUT = "MMJAX_NO_REEXEC"
-KEEP_MEMORY_VAR = "MMJAX_KEEP_MEMORY"  # "1": add KEEP_MEMORY (set by `mmjax bench` / `bench-decode`)
+KEEP_MEMORY_VAR = "MMJAX_KEEP_MEMORY"  # "1": add KEEP_MEMORY (set by `mmjax bench`)
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
