@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -10,9 +11,6 @@ import pytest
 from mmjax import runtime
 
 LINUX = {"system": "Linux", "glibc": (2, 36), "thp": "madvise"}
-
-
-KEEP = ":".join(runtime.KEEP_MEMORY)
 
 
 HUGE = "glibc.malloc.hugetlb=1"
@@ -60,6 +58,8 @@ def test_the_train_step_benchmark_keeps_the_memory(monkeypatch):
     monkeypatch.setattr(runtime, "reexec_with_hugepage_malloc",
                         lambda argv, module: seen.setdefault(argv[0], os.environ.get(runtime.KEEP_MEMORY_VAR)))
     monkeypatch.setattr(cli, "main", lambda: 0)
+    # entry() sets the variable itself; setenv first so that monkeypatch restores the original at the end
+    monkeypatch.setenv(runtime.KEEP_MEMORY_VAR, "0")
     for command in ("bench", "bench-decode", "train"):
         monkeypatch.delenv(runtime.KEEP_MEMORY_VAR, raising=False)
         monkeypatch.setattr(sys, "argv", ["mmjax", command])
@@ -88,6 +88,16 @@ def test_module_reexecs_exactly_when_the_rule_says():
                              check=True)
         report = json.loads(out.stdout)
         assert (report["GLIBC_TUNABLES"] is not None) is want, report
+
+
+def test_tunables_flag_prints_the_value_to_start_python_with():
+    """The README's `GLIBC_TUNABLES=$(python -m mmjax.runtime --tunables)`: the same tunables the
+    `mmjax` command would add, without re-executing."""
+    for extra, keep in (({}, False), ({runtime.KEEP_MEMORY_VAR: "1"}, True)):
+        out = subprocess.run([sys.executable, "-m", "mmjax.runtime", "--tunables"], env=_clean_env(**extra),
+                             capture_output=True, text=True, check=True)
+        want = runtime.tunables_for(glibc=runtime.glibc_version(), thp=runtime.thp_mode(), keep_memory=keep)
+        assert out.stdout.strip() == (":".join(want) if platform.system() == "Linux" else ""), out.stdout
 
 
 _FAULTS = """
