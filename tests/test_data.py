@@ -172,6 +172,18 @@ def test_ensure_prepared_does_not_rebuild_and_never_downloads(data_dir, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_builders_leave_no_temporary_directories(monkeypatch, tmp_path):
+    # TFDS's DatasetBuilder.__init__ makes a temporary directory for GCS metadata whenever the data
+    # directory holds no prepared dataset, and keeps it; our builders' LocalDatasetInfo skips that.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for name in registry.BUILTIN:
+        builder = registry.get_builder(name, str(tmp_path / "data"))
+        assert not builder.is_prepared()
+    assert list(scratch.iterdir()) == []
+
+
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MMJAX_DATA_DIR", str(tmp_path))
     assert registry.resolve_data_dir(None) == str(tmp_path)

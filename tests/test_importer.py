@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -246,6 +247,15 @@ def test_failed_import_into_new_data_dir_leaves_nothing(folder, tmp_path):
         import_folder(tmp_path / "images", jsonl, name="bad", data_dir=tmp_path / "new" / "tfds",
                       splits={"train": 0.5, "test": 0.5})
     assert not (tmp_path / "new" / "tfds").exists()
+
+
+def test_import_leaves_no_temporary_directories(folder, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    import_folder(folder["images"], folder["captions_jsonl"], name="my_captions",
+                  data_dir=tmp_path / "data", splits={"train": 0.75, "test": 0.25})
+    assert list(scratch.iterdir()) == []
 
 
 def test_bad_input_is_skipped_counted_and_warned(folder, tmp_path, capsys):

@@ -24,6 +24,8 @@ import hashlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.data.local_info import LocalDatasetInfo
+
 NUM_TRAIN = 1437
 NUM_TEST = 360
 NUM_CLASSES = 10
@@ -95,7 +97,7 @@ class DigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo directly, not `dataset_info_from_configs`: that one would take the
         # description from any README.md that lands in this package's directory.
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="scikit-learn's handwritten digits (UCI optdigits test set), 8x8, 0..255.",
             features=tfds.features.FeaturesDict({

@@ -71,6 +71,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
 from mmjax.data import registry
+from mmjax.data.local_info import LocalDatasetInfo
 from mmjax.data.transforms import RESIZE_MODES  # the same modes as DataConfig.resize_mode
 
 VERSION = "1.0.0"
@@ -494,7 +495,7 @@ class _ImportedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # DatasetInfo directly (not dataset_info_from_configs, which reads a README.md from this
         # package's directory). Raw uint8 tensors, not PNG: decoding PNG while training is slow
         # and encoding it would need TensorFlow.
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=self._plan.description,
             features=tfds.features.FeaturesDict({

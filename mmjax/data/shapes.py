@@ -73,6 +73,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.data.local_info import LocalDatasetInfo
+
 # --- vocabularies -------------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -530,7 +532,7 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
         labels = tfds.features.Tensor(shape=(MAX_OBJECTS,), dtype=np.int32)
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=("Procedural scenes of 1-3 colored shapes on a 3x3 grid with captions, "
                          "attribute labels and VQA pairs; test_novel holds out color-shape pairs."),
