@@ -285,3 +285,32 @@ def test_fusion_barriers_keep_backward_fusions_from_growing_with_depth(monkeypat
     assert bare[1] >= bare[0] + 30, bare
     fenced = [_widest_backward_fusion(d, True, monkeypatch) for d in (2, 4)]
     assert fenced[0] == fenced[1] <= 16, fenced
+
+
+def _dense_grads(flatten: bool, monkeypatch):
+    """Grads of sum(tanh(x · W + b)) for x [B, T, D] through DenseGeneral, and the compiled HLO."""
+    import mmjax.layers.linear as lin
+    monkeypatch.setattr(lin, "FLATTEN_ROWS", flatten)
+    layer = DenseGeneral(48, ("embed", "mlp"))
+    x = jax.random.normal(jax.random.key(0), (4, 24, 16))
+    params = layer.init(jax.random.key(1), x)
+    f = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(layer.apply(p, x)))))
+    return params, x, f(params, x), f.lower(params, x).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason=f"inspects XLA:CPU's dot canonicalisation; this backend is {jax.default_backend()}")
+def test_dense_flattens_rows_so_the_kernel_gradient_needs_no_transposed_copy(monkeypatch):
+    import re
+    params, x, flat, flat_hlo = _dense_grads(True, monkeypatch)
+    _, _, nested, nested_hlo = _dense_grads(False, monkeypatch)
+    xn = np.asarray(x, np.float64).reshape(-1, 16)
+    dy = 1 - np.tanh(xn @ np.asarray(nn.unbox(params)["params"]["kernel"])) ** 2  # the bias is zero at init
+    for grads in (flat, nested):
+        g = nn.unbox(grads)["params"]
+        np.testing.assert_allclose(g["kernel"], xn.T @ dy, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g["bias"], dy.sum(0), rtol=1e-5, atol=1e-5)
+    # dy [4, 24, 48] transposed to [48, 96] (or [48, 4, 24]) for the kernel-gradient dot.
+    copy = re.compile(r"= f32\[48,(96|4,24)\]\{[\d,]+\} (fusion|copy|transpose)\(")
+    assert copy.search(nested_hlo), "XLA:CPU no longer copies dy for a two-axis contraction: FLATTEN_ROWS may go"
+    assert not copy.search(flat_hlo), [line for line in flat_hlo.splitlines() if copy.search(line)]
