@@ -27,6 +27,7 @@ back into the dot's dimension numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ FLATTEN_ROWS: bool | None = None
 
 
 def flatten_rows_on() -> bool:
+    """Whether DenseGeneral multiplies [B, T, in] as [B·T, in] (FLATTEN_ROWS; None: on the CPU backend)."""
     return jax.default_backend() == "cpu" if FLATTEN_ROWS is None else bool(FLATTEN_ROWS)
 
 
@@ -117,7 +119,7 @@ class DenseGeneral(nn.Module):
             kernel = kernel.astype(self.dtype)
             lead = x.shape[:x.ndim - self.in_rank]
             if len(lead) > 1 and flatten_rows_on():
-                x = x.reshape((-1,) + in_shape)  # [rows, in...]: one contracting axis for dW (module docstring)
+                x = x.reshape((math.prod(lead),) + in_shape)  # [rows, in...]: dW contracts one axis
             contract = (tuple(range(x.ndim - self.in_rank, x.ndim)), tuple(range(self.in_rank)))
             y = jax.lax.dot_general(x, kernel, (contract, ((), ()))).reshape(lead + features)
         if self.use_bias:
