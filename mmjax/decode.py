@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmjax import kernels
 from mmjax.data.tokenizers import Tokenizer, check_vocab
 from mmjax.layers.linear import DECODE
 from mmjax.models.lm import cache_shardings, init_cache
@@ -260,7 +261,14 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
             return greedy(logits)
         return sample(key, logits, temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None)
 
-    def run(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id):
+    def run(*args):
+        # The native CPU kernel (mmjax.kernels) is a custom call: on a mesh of several devices XLA would
+        # gather the sharded weights onto every device for it, each step.
+        sharded = mesh is not None and mesh.size > 1
+        with kernels.cpu_kernels_disabled() if sharded else contextlib.nullcontext():
+            return loop(*args)
+
+    def loop(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id):
         # Left-align every row: slot j of row r holds prompt token j − pad_r (pads first).
         pad = t0 - lengths                                                    # [R]
         src = jnp.arange(t0)[None, :] - pad[:, None]                          # [R, T0]

@@ -20,8 +20,9 @@ import torch
 import transformers as T
 
 import mmjax
+from mmjax import kernels
 from mmjax.data.tokenizers import ByteTokenizer
-from mmjax.decode import generate
+from mmjax.decode import generate, prepare_generate
 from mmjax.models.lm import LM
 from mmjax.sharding import MeshConfig, make_mesh
 
@@ -164,6 +165,17 @@ def test_mesh_2x2x2_gives_the_same_tokens_as_one_device(hf_and_ours, hf_greedy):
     sharded = generate(model, params, PROMPTS, mesh=mesh, **kw)
     np.testing.assert_array_equal(sharded.tokens, one.tokens)
     assert not np.array_equal(one.tokens, hf_greedy)  # it did sample
+
+
+@pytest.mark.skipif(kernels.rowdot_unavailable_reason() is not None,
+                    reason=f"the CPU kernel cannot be built here: {kernels.rowdot_unavailable_reason()}")
+def test_batched_decode_uses_the_cpu_kernel_on_one_device_not_on_a_mesh(hf_and_ours):
+    """On a mesh of several devices the kernel's custom call would gather the sharded weights every step."""
+    _, model, params = hf_and_ours
+    mesh = make_mesh(MeshConfig(shape=(2, 2, 2)))
+    for m, used in ((None, True), (mesh, False)):
+        plan = prepare_generate(model, params, PROMPTS, max_new_tokens=4, pad_id=PAD, mesh=m)
+        assert (kernels.TARGET in plan.lower().compile().as_text()) is used
 
 
 def test_classifier_free_guidance_scale_one_is_conditional_zero_is_unconditional(hf_and_ours, hf_greedy):

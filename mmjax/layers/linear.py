@@ -22,7 +22,9 @@ the 512 × 32000 head 12.5 → 6.4 ms, a 512 × 2752 MLP kernel 0.35 → 0.26 ms
 output-major copy of every kernel once per generation call, outside its decode loop, in the
 variable collection DECODE ("decode": {…, "kernel_t": [out..., in...]}), and DenseGeneral uses that
 copy when it is present. Transposing inside a step would not do: XLA folds a transpose of the kernel
-back into the dot's dimension numbers.
+back into the dot's dimension numbers. On x86-64 CPUs with AVX2, `weight_major_dot` multiplies up
+to 64 fp32 rows with mmjax's own kernel (`mmjax.kernels.rowdot`), which reads W^T once and streams
+it about twice as fast again as XLA's dot; elsewhere, and when the kernel cannot be built, XLA's dot.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mmjax import kernels
 
 Initializer = Callable[..., jax.Array]
 DECODE = "decode"
@@ -61,6 +65,11 @@ def weight_major_dot(w_t: jax.Array, x: jax.Array, out_rank: int) -> jax.Array:
     if w_t.shape[out_rank:] != x.shape[rows:]:
         raise ValueError(f"weight_major_dot: kernel input axes {w_t.shape[out_rank:]} do not match x's trailing "
                          f"axes {x.shape[rows:]}")
+    n_rows, n_out = math.prod(x.shape[:rows]), math.prod(w_t.shape[:out_rank])
+    if kernels.use_rowdot(w_t, n_rows):
+        # The native small-rows kernel (mmjax.kernels): reads every weight once, 2x XLA's dot here.
+        y = kernels.rowdot(w_t.reshape(n_out, -1), x.reshape(n_rows, -1))
+        return y.reshape(x.shape[:rows] + w_t.shape[:out_rank])
     y_t = jax.lax.dot_general(w_t, x, ((tuple(range(out_rank, w_t.ndim)), tuple(range(rows, x.ndim))), ((), ())))
     return jnp.transpose(y_t, tuple(range(out_rank, out_rank + rows)) + tuple(range(out_rank)))
 
