@@ -55,10 +55,11 @@ from mmjax.sharding import current_rules, logical_rules, tree_shardings
 
 NEG_INF = -jnp.inf
 # Batches of at least this many rows (prompts, doubled with CFG) decode with output-major copies of the
-# kernels, made once per call (see mmjax.layers.linear); None: never. Per-token times on a 2-core AMD
-# EPYC with AVX2 (width 512, depth 8, vocab 32k; stored layout → output-major): 1 row 12.3 → 12.8 ms,
-# 2 rows 16.4 → 17.0 ms, 4 rows 30.2 → 20.5 ms, 8 rows 32.8 → 21–23 ms (copies included).
-WEIGHT_MAJOR_ROWS: int | None = 4
+# kernels, made once per call (see mmjax.layers.linear), which the CPU kernel mmjax.kernels.rowdot
+# multiplies; None: never. Per-token times on a 2-core AMD EPYC with AVX2 (width 512, depth 8, vocab
+# 32k; stored layout → output-major with the kernel, copies included, medians of 4 alternated runs):
+# 1 row 15.1 → 17.3 ms, 2 rows 21.6 → 16.7 ms, 3 rows 32.6 → 17.9 ms, 8 rows 45.0 → 22.7 ms.
+WEIGHT_MAJOR_ROWS: int | None = 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,8 +144,10 @@ ffi::Error RowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi::Buffer<ff
   work->M = M;
   work->N = N;
   work->K = K;
-  // About 48 KiB of weights per chunk (whole tiles): worth a claim, small enough to balance two threads.
-  work->chunk = std::max<int64_t>(1, 12288 / std::max<int64_t>(K, 1) / kTileRows) * kTileRows;
+  // About 192 KiB of weights per chunk (whole tiles). Longer runs of contiguous rows stream faster (the
+  // hardware prefetcher ramps up on each new run): on a decoder's matmul chain, 8 rows, 48 KiB chunks
+  // took 15.3-16.3 ms, 192 KiB 13.7-14.1, 384 KiB 14.3, 768 KiB 14.9 (alternated medians).
+  work->chunk = std::max<int64_t>(1, 49152 / std::max<int64_t>(K, 1) / kTileRows) * kTileRows;
   work->chunks = (N + work->chunk - 1) / work->chunk;
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
