@@ -24,8 +24,13 @@ is kept in *_all):
     ratio            ours tokens_per_s / HF tokens_per_s (> 1: we are faster)
     tokens_match     fraction of generated tokens equal to HF's (greedy, same weights; a near-tie
                      that fp32 rounding flips changes the rest of that row)
-    weight_gb_per_s  param bytes / per_token_s: each step reads every weight once, so at batch 1 this
-                     is the memory bandwidth the step achieves
+    weight_gb_per_s  param bytes / per_token_s: each step reads every weight once, so this is a lower
+                     bound on the memory bandwidth the step achieves
+    of_read_roof     weight_gb_per_s / the machine's read bandwidth, measured in the same run before the
+                     cases (`read_bandwidth`: the best of 10 jitted sums over a 256 MiB fp32 array)
+
+The JSON also says whether our side multiplied with mmjax's CPU decode kernel (`cpu_kernel`; see
+mmjax/kernels) and from how many rows (`weight_major_rows`, mmjax.decode.WEIGHT_MAJOR_ROWS).
 
 The machine may be shared: the JSON records the load average before and after; timings are noisy then.
 """
@@ -66,6 +71,16 @@ def build_models(hf_config, directory: str | Path, seed: int = 0):
     hf.save_pretrained(directory)
     model, params = mmjax.load_pretrained(directory)
     return hf, model, params
+
+
+def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Bytes/s of XLA reading an fp32 array once (a jitted sum; best of `repeats`): the roof for a
+    decode step, which must read every weight once."""
+    x = jax.numpy.ones((nbytes // 4,), jax.numpy.float32)
+    total = jax.jit(jax.numpy.sum)
+    total(x).block_until_ready()
+    best = min(_timed(lambda: total(x).block_until_ready())[0] for _ in range(repeats))
+    return x.nbytes / best
 
 
 def _median(xs):
@@ -112,7 +127,7 @@ class _HF:
 
 
 def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int, repeats: int, seed: int = 0,
-                torch_threads: tuple[int, ...] = ()) -> dict:
+                torch_threads: tuple[int, ...] = (), read_bytes_per_s: float | None = None) -> dict:
     """Both sides on one batch of random prompts; see the module docstring for the figures.
 
     HF runs once per entry of torch_threads (default: os.cpu_count()): the first is "hf", the others
@@ -143,6 +158,8 @@ def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int
         side = {"first_call_s": first_call[name][0], "first_token_s": first, "per_token_s": per_token,
                 "total_s": total, "tokens_per_s": batch_size * new / total,
                 "weight_gb_per_s": param_bytes / per_token / 1e9 if per_token > 0 else None,
+                "of_read_roof": param_bytes / per_token / read_bytes_per_s if per_token > 0 and read_bytes_per_s
+                else None,
                 "median": {"first_token_s": med_first, "per_token_s": (med_total - med_first) / max(new - 1, 1),
                            "total_s": med_total, "tokens_per_s": batch_size * new / med_total},
                 "total_s_all": times[name]["total"], "first_token_s_all": times[name]["first"]}
@@ -167,6 +184,7 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
         verbose: bool = True) -> dict:
     import torch
 
+    from mmjax import decode, kernels
     from mmjax.bench import machine_info
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to separate the first token from the rest, got {new_tokens}")
@@ -180,10 +198,14 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
     with tempfile.TemporaryDirectory() as d:
         hf, model, params = build_models(cfg, d, seed)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    read_bw = measure_read_bandwidth()
+    if verbose:
+        print(f"read bandwidth (jitted sum over 256 MiB): {read_bw / 1e9:.1f} GB/s", flush=True)
     cases = []
     for b in batch_sizes:
         cases.append(bench_batch(hf, model, params, batch_size=b, prompt_len=prompt_len, new=new_tokens,
-                                 repeats=repeats, seed=seed, torch_threads=torch_threads))
+                                 repeats=repeats, seed=seed, torch_threads=torch_threads,
+                                 read_bytes_per_s=read_bw))
         if verbose:
             print(_line(cases[-1]), flush=True)
     results = {
@@ -193,6 +215,9 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
                   "vocab": vocab, "params": n_params, "dtype": "float32"},
         "machine": machine_info(), "torch_threads": list(torch_threads), "torch_version": torch.__version__,
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+        "read_bandwidth": {"what": "best of 10 jitted jnp.sum over a 256 MiB fp32 array", "bytes_per_s": read_bw},
+        "cpu_kernel": kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot",
+        "weight_major_rows": decode.WEIGHT_MAJOR_ROWS,
         "note": "shared machine: timings include other processes' load (see load averages)",
         "cases": cases,
     }
@@ -207,7 +232,8 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
 def _line(c: dict) -> str:
     o = c["ours"]
     parts = [f"batch {c['batch_size']:2d}: ours {o['tokens_per_s']:8.1f} tok/s (compile {o['compile_s']:.2f}s, "
-             f"first {o['first_token_s'] * 1e3:.1f} ms, per token {o['per_token_s'] * 1e3:.2f} ms)"]
+             f"first {o['first_token_s'] * 1e3:.1f} ms, per token {o['per_token_s'] * 1e3:.2f} ms, "
+             f"weights {o['weight_gb_per_s']:.1f} GB/s = {o['of_read_roof']:.2f} of read)"]
     for name in (n for n in c if n == "hf" or n.startswith("hf_threads")):
         h, suffix = c[name], name[2:]
         parts.append(f"HF {h['torch_threads']} thr {h['tokens_per_s']:8.1f} tok/s (first {h['first_token_s'] * 1e3:.1f}"

@@ -266,7 +266,10 @@ def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
         assert s["total_s"] == min(s["total_s_all"]) > 0 and len(s["total_s_all"]) == 2
         assert s["tokens_per_s"] == pytest.approx(2 * 6 / s["total_s"])
         assert s["per_token_s"] == pytest.approx((s["total_s"] - s["first_token_s"]) / 5)
+        assert s["of_read_roof"] == pytest.approx(s["weight_gb_per_s"] * 1e9 / res["read_bandwidth"]["bytes_per_s"])
     assert case["ours"]["compile_s"] > 0 and case["hf"]["torch_threads"] == 1
+    assert res["read_bandwidth"]["bytes_per_s"] > 1e8 and res["weight_major_rows"] == 2
+    assert res["cpu_kernel"] == (kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot")
     assert case["ratio_tokens_per_s"] == pytest.approx(case["ours"]["tokens_per_s"] / case["hf"]["tokens_per_s"])
     assert res["model"]["vocab"] == 128 and res["model"]["params"] == 2 * 128 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64
                                                                                           + 2 * 32) + 32

@@ -128,6 +128,8 @@ def _load() -> str | None:
         return f"{ENV_SWITCH}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernel is written for x86-64 with AVX2, not {platform.machine()}"
+    if not os.path.exists("/proc/cpuinfo"):
+        return "no /proc/cpuinfo to check the CPU for AVX2 and FMA (the kernel is built on Linux only)"
     if not cpu_has_avx2_fma():
         return "this CPU lacks AVX2 or FMA"
     try:
