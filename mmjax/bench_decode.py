@@ -24,8 +24,9 @@ is kept in *_all):
     ratio            ours tokens_per_s / HF tokens_per_s (> 1: we are faster)
     tokens_match     fraction of generated tokens equal to HF's (greedy, same weights; a near-tie
                      that fp32 rounding flips changes the rest of that row)
-    weight_gb_per_s  param bytes / per_token_s: each step reads every weight once, so this is a lower
-                     bound on the memory bandwidth the step achieves
+    weight_gb_per_s  weight bytes a step reads / per_token_s: every weight once, but of an untied input
+                     embedding only the fed rows (not counted); a lower bound on the bandwidth the step
+                     achieves, as the KV cache it also reads is not counted
     of_read_roof     weight_gb_per_s / the machine's read bandwidth, measured in the same run before the
                      cases (`read_bandwidth`: the best of 10 jitted sums over a 256 MiB fp32 array)
 
@@ -147,7 +148,9 @@ def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int
                 times[name][key].append(_timed(lambda s=side, n=n: s(n))[0])
     ours_tokens, hf_tokens = first_call["ours"][1], first_call["hf"][1]
     hf_names = [name for name in sides if name != "ours"]
-    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    step_weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    if not model.cfg.tie_embeddings:  # the input embedding is gathered (B rows a step), not streamed
+        step_weight_bytes -= int(np.prod(params["token_embedding"].shape)) * params["token_embedding"].dtype.itemsize
     result = {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new, "repeats": repeats,
               "tokens_match": float(np.mean(ours_tokens == hf_tokens)),
               "rows_identical": int(np.sum(np.all(ours_tokens == hf_tokens, axis=1)))}
@@ -157,8 +160,8 @@ def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int
         med_total, med_first = _median(times[name]["total"]), _median(times[name]["first"])
         side = {"first_call_s": first_call[name][0], "first_token_s": first, "per_token_s": per_token,
                 "total_s": total, "tokens_per_s": batch_size * new / total,
-                "weight_gb_per_s": param_bytes / per_token / 1e9 if per_token > 0 else None,
-                "of_read_roof": param_bytes / per_token / read_bytes_per_s if per_token > 0 and read_bytes_per_s
+                "weight_gb_per_s": step_weight_bytes / per_token / 1e9 if per_token > 0 else None,
+                "of_read_roof": step_weight_bytes / per_token / read_bytes_per_s if per_token > 0 and read_bytes_per_s
                 else None,
                 "median": {"first_token_s": med_first, "per_token_s": (med_total - med_first) / max(new - 1, 1),
                            "total_s": med_total, "tokens_per_s": batch_size * new / med_total},

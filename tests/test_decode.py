@@ -267,6 +267,9 @@ def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
         assert s["tokens_per_s"] == pytest.approx(2 * 6 / s["total_s"])
         assert s["per_token_s"] == pytest.approx((s["total_s"] - s["first_token_s"]) / 5)
         assert s["of_read_roof"] == pytest.approx(s["weight_gb_per_s"] * 1e9 / res["read_bandwidth"]["bytes_per_s"])
+        # Weights a step streams: all but the untied input embedding [128, 32], in fp32.
+        step_bytes = 4 * (res["model"]["params"] - 128 * 32)
+        assert s["weight_gb_per_s"] == pytest.approx(step_bytes / s["per_token_s"] / 1e9)
     assert case["ours"]["compile_s"] > 0 and case["hf"]["torch_threads"] == 1
     assert res["read_bandwidth"]["bytes_per_s"] > 1e8 and res["weight_major_rows"] == 2
     assert res["cpu_kernel"] == (kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot")
