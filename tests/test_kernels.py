@@ -119,3 +119,42 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
     assert not kernels.cpu_has_avx2_fma(str(info))
     assert not kernels.cpu_has_avx2_fma(str(tmp_path / "missing"))
+
+
+_FALLBACK = """
+import json, sys, warnings
+import numpy as np, jax
+from mmjax.layers.linear import weight_major_dot
+rng = np.random.default_rng(0)
+w, x = rng.standard_normal((5, 8), np.float32), rng.standard_normal((3, 8), np.float32)
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    f = jax.jit(lambda w, x: weight_major_dot(w, x, 1))
+    y = np.asarray(f(w, x))
+    hlo = f.lower(w, x).compile().as_text()
+    jax.jit(lambda w, x: 2 * weight_major_dot(w, x, 1))(w, x)  # a second trace: no second warning
+err = float(np.abs(y - x.astype(np.float64) @ w.astype(np.float64).T).max())
+print(json.dumps({"warnings": [str(r.message) for r in rec], "custom_call": "mmjax_rowdot" in hlo, "err": err}))
+"""
+
+
+@pytest.mark.parametrize("env,warns", [({"CXX": "no-such-compiler-mmjax"}, True), ({"MMJAX_CPU_KERNELS": "0"}, False)])
+def test_without_the_kernel_decoding_uses_xla_and_says_why_once(tmp_path, env, warns):
+    """A fresh process whose kernel cannot be built (no compiler) warns once, naming the reason, and
+    multiplies with XLA's dot; switched off by the user, it does the same without a warning."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MMJAX_CACHE_DIR": str(tmp_path / "cache"), **env}
+    out = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not res["custom_call"] and res["err"] < 1e-5
+    if warns:
+        (msg,) = res["warnings"]
+        assert "CPU decode kernel is unavailable (no C++ compiler 'no-such-compiler-mmjax'" in msg
+        assert "uses XLA's dot" in msg
+    else:
+        assert res["warnings"] == []

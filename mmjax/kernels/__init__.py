@@ -152,6 +152,8 @@ def use_rowdot(w_t: jax.Array, rows: int) -> bool:
     """Whether `weight_major_dot` should multiply `rows` rows by w_t with the kernel (at trace time)."""
     if ROWDOT is False or not _ALLOWED.get() or not 1 <= rows <= ROWDOT_MAX_ROWS:
         return False
+    if os.environ.get(ENV_SWITCH, "1") == "0":  # switched off by the user: no warning
+        return False
     if w_t.dtype != jnp.float32 or jax.default_backend() != "cpu":
         return False
     reason = _load()
