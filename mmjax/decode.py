@@ -25,8 +25,9 @@ model's cache protocol (positions = cumsum(valid) − 1, kv_valid over every slo
     out.tokens         [B, 32] generated ids, pad_id after EOS;  out.lengths [B]
 
 Batches of ≥ WEIGHT_MAJOR_ROWS rows decode with output-major copies of the kernels, made once per
-call before the prefill, because XLA:CPU streams weights faster that way for a few rows (see
-`mmjax.layers.linear`); it costs a second copy of the kernels for the duration of the call.
+call before the prefill, because a few rows stream the weights faster that way, on x86-64 CPUs with
+mmjax's own kernel (see `mmjax.layers.linear` and `mmjax.kernels`); it costs a second copy of the
+kernels for the duration of the call.
 
 `prepare_generate` does the checks and set-up without running and returns a `GenerationPlan`
 (plan() runs it; plan.lower() for ahead-of-time compilation, as `mmjax.bench_decode` does).

@@ -66,7 +66,7 @@ def weight_major_dot(w_t: jax.Array, x: jax.Array, out_rank: int) -> jax.Array:
         raise ValueError(f"weight_major_dot: kernel input axes {w_t.shape[out_rank:]} do not match x's trailing "
                          f"axes {x.shape[rows:]}")
     n_rows, n_out = math.prod(x.shape[:rows]), math.prod(w_t.shape[:out_rank])
-    if kernels.use_rowdot(w_t, n_rows):
+    if x.dtype == w_t.dtype and kernels.use_rowdot(w_t, n_rows):
         # The native small-rows kernel (mmjax.kernels): reads every weight once, 2x XLA's dot here.
         y = kernels.rowdot(w_t.reshape(n_out, -1), x.reshape(n_rows, -1))
         return y.reshape(x.shape[:rows] + w_t.shape[:out_rank])
