@@ -3,9 +3,9 @@
 Why a hand-written kernel. A decode step multiplies the batch's few rows by every weight of the
 model once, so it can go no faster than the weights stream from memory. XLA:CPU's dot (YNNPACK)
 runs an 8-row product at 4–5 GB/s of weights on a 2-core AMD EPYC (AVX2), OpenBLAS through numpy
-at 5 GB/s, while the machine streams 11–17 GB/s (numpy gemv). `rowdot.cc` reads each weight once
-and reaches 9–11 GB/s on the same chain of a decoder's matmuls (width 512, depth 8, vocab 32k;
-8 rows: 30.5 → 15.0 ms). It is an XLA FFI handler, so it runs inside the jitted decode loop like
+at 5 GB/s, while the machine reads 16–21 GB/s on two threads (a plain sum). `rowdot.cc` reads each
+weight once and reaches 11–13 GB/s on a chain of a decoder's matmuls (width 512, depth 8, vocab
+32k; 8 rows: 30.5 → 13–15 ms). It is an XLA FFI handler, so it runs inside the jitted decode loop like
 any other op. Only `mmjax.layers.linear.weight_major_dot` uses it, for the decode path.
 
 Why built here and not at install. mmjax stays a pure-Python package (TPU and GPU users never need
