@@ -23,8 +23,9 @@ output-major copy of every kernel once per generation call, outside its decode l
 variable collection DECODE ("decode": {…, "kernel_t": [out..., in...]}), and DenseGeneral uses that
 copy when it is present. Transposing inside a step would not do: XLA folds a transpose of the kernel
 back into the dot's dimension numbers. On x86-64 CPUs with AVX2, `weight_major_dot` multiplies up
-to 64 fp32 rows with mmjax's own kernel (`mmjax.kernels.rowdot`), which reads W^T once and streams
-it about twice as fast again as XLA's dot; elsewhere, and when the kernel cannot be built, XLA's dot.
+to 64 fp32 rows with mmjax's own kernel (`mmjax.kernels.rowdot`), which reads W^T once: twice as
+fast as XLA's dot on a chain of a decoder's matmuls, about 15% on a whole batch-8 decode step;
+elsewhere, and when the kernel cannot be built, XLA's dot.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def weight_major_dot(w_t: jax.Array, x: jax.Array, out_rank: int) -> jax.Array:
                          f"axes {x.shape[rows:]}")
     n_rows, n_out = math.prod(x.shape[:rows]), math.prod(w_t.shape[:out_rank])
     if x.dtype == w_t.dtype and kernels.use_rowdot(w_t, n_rows):
-        # The native small-rows kernel (mmjax.kernels): reads every weight once, 2x XLA's dot here.
+        # The native small-rows kernel (mmjax.kernels): reads every weight once (module docstring).
         y = kernels.rowdot(w_t.reshape(n_out, -1), x.reshape(n_rows, -1))
         return y.reshape(x.shape[:rows] + w_t.shape[:out_rank])
     y_t = jax.lax.dot_general(w_t, x, ((tuple(range(out_rank, w_t.ndim)), tuple(range(rows, x.ndim))), ((), ())))
