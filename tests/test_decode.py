@@ -167,8 +167,8 @@ def test_mesh_2x2x2_gives_the_same_tokens_as_one_device(hf_and_ours, hf_greedy):
     assert not np.array_equal(one.tokens, hf_greedy)  # it did sample
 
 
-@pytest.mark.skipif(kernels.rowdot_unavailable_reason() is not None,
-                    reason=f"the CPU kernel cannot be built here: {kernels.rowdot_unavailable_reason()}")
+@pytest.mark.skipif(kernels.machine_limit() is not None,
+                    reason=f"the CPU kernel cannot be built on this machine: {kernels.machine_limit()}")
 def test_batched_decode_uses_the_cpu_kernel_on_one_device_not_on_a_mesh(hf_and_ours):
     """On a mesh of several devices the kernel's custom call would gather the sharded weights every step."""
     _, model, params = hf_and_ours
