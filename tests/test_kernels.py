@@ -1,6 +1,9 @@
-"""The native CPU decode kernel (mmjax/kernels): its products against float64 numpy over shapes that
-reach every code path (row groups of 1–4, weight-row tiles and their remainder, inputs not a multiple
-of 8, several chunks on two threads), its use by weight_major_dot, and its build errors."""
+"""The native CPU kernels (mmjax/kernels). The decode kernel: its products against float64 numpy over
+shapes that reach every code path (row groups of 1–4, weight-row tiles and their remainder, inputs not
+a multiple of 8, several chunks on two threads), its use by weight_major_dot, and its build errors.
+The attention kernel: values and gradients against jax.nn.dot_product_attention and the forward against
+float64 numpy, over masks (causal, padding with empty rows, per head), GQA/MQA and sizes off every
+block boundary; its use by the Attention layer."""
 
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def test_build_names_a_missing_compiler(tmp_path):
 
 
 def test_build_names_a_failed_compile_and_leaves_no_partial_library(tmp_path):
-    with pytest.raises(kernels.KernelUnavailable, match=r"compiling rowdot.cc failed"):
+    with pytest.raises(kernels.KernelUnavailable, match=r"compiling rowdot.cc, attention.cc failed"):
         kernels.build(tmp_path, cxx="false")  # runs, prints nothing, exits 1
     assert not list(tmp_path.iterdir())
 
@@ -165,3 +168,118 @@ def test_without_the_kernel_decoding_uses_xla_and_says_why_once(tmp_path, env, w
         assert "uses XLA's dot" in msg
     else:
         assert res["warnings"] == []
+
+
+# --- softmax attention (attention.cc, mmjax.kernels.attention) ---------------------------------------
+
+def _attention_case(b, t, s, h, hkv, dh, mask_kind, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, dh), np.float32)
+    k = rng.standard_normal((b, s, hkv, dh), np.float32)
+    v = rng.standard_normal((b, s, hkv, dh), np.float32)
+    mask = None
+    if mask_kind == "causal":
+        mask = np.tril(np.ones((t, s), bool))[None, None]
+    elif mask_kind == "padding":  # key lengths 0..s: a length of 0 masks whole rows
+        lengths = np.array([0, s, *rng.integers(1, s + 1, b - 2)])[:b]
+        mask = (np.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+    elif mask_kind == "causal+padding":
+        lengths = rng.integers(1, s + 1, b)
+        mask = np.tril(np.ones((t, s), bool))[None, None] & (np.arange(s) < lengths[:, None])[:, None, None, :]
+    elif mask_kind == "per_head":
+        mask = rng.random((b, h, t, s)) < 0.6
+    return q, k, v, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,s,h,hkv,dh,mask_kind", [
+    (2, 5, 7, 2, 2, 8, None),                   # tiles smaller than one register block
+    (2, 65, 65, 4, 4, 32, None),                # the tiny CLIP's vision tower
+    (3, 48, 48, 4, 4, 32, "causal+padding"),    # its text tower
+    (4, 13, 29, 4, 4, 20, "padding"),           # cross-attention T ≠ S, Dh not a multiple of 8, empty rows
+    (2, 17, 33, 6, 2, 24, "causal"),            # GQA: 3 query heads per kv head
+    (2, 11, 19, 4, 1, 16, "per_head"),          # MQA with a per-head mask
+    (1, 1, 1, 1, 1, 1, None),
+])
+def test_cpu_attention_matches_jax_values_and_gradients(b, t, s, h, hkv, dh, mask_kind):
+    """Against jax.nn.dot_product_attention (XLA, fp32, the same scale and masking, K/V repeated over the
+    groups), forward and all three gradients."""
+    from mmjax.kernels.attention import cpu_attention
+    q, k, v, mask = _attention_case(b, t, s, h, hkv, dh, mask_kind)
+    g = h // hkv
+
+    def ref(q, k, v):
+        return jax.nn.dot_product_attention(q, jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2),
+                                            mask=mask, implementation="xla")
+
+    ours = lambda q, k, v: cpu_attention(q, k, v, mask)
+    w = np.random.default_rng(1).standard_normal((b, t, h, dh), np.float32)
+    for f in (ours, ref):
+        assert jax.jit(f)(q, k, v).shape == (b, t, h, dh)
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), rtol=1e-5, atol=2e-6)
+    loss = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))
+    for got, want, name in zip(loss(ours)(q, k, v), loss(ref)(q, k, v), "qkv"):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+@needs_kernel
+def test_cpu_attention_against_float64_softmax():
+    """The forward against float64 numpy from the equation, not only against XLA's fp32."""
+    from mmjax.kernels.attention import cpu_attention
+    q, k, v, mask = _attention_case(3, 40, 37, 2, 2, 16, "padding", seed=3)
+    logits = np.einsum("bthd,bshd->bhts", q.astype(np.float64), k.astype(np.float64)) / 4.0
+    logits = np.where(mask, logits, -0.7 * np.finfo(np.float32).max)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", p, v.astype(np.float64))
+    np.testing.assert_allclose(jax.jit(cpu_attention)(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_cpu_attention_under_vmap_and_with_bad_operands():
+    from mmjax.kernels.attention import cpu_attention
+    q, k, v, _ = _attention_case(2, 9, 9, 2, 2, 8, None)
+    stacked = jax.vmap(cpu_attention)(np.stack([q, 2 * q]), np.stack([k, k]), np.stack([v, -v]))
+    np.testing.assert_allclose(stacked[1], -cpu_attention(2 * q, k, v), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"does not broadcast to \[B, H, T, S\]"):
+        cpu_attention(q, k, v, np.ones((2, 1, 9, 8), bool))
+    with pytest.raises(TypeError, match="must be boolean"):
+        cpu_attention(q, k, v, np.ones((9, 9), np.float32))
+    with pytest.raises(ValueError, match="cannot be grouped"):
+        cpu_attention(np.concatenate([q, q[:, :, :1]], axis=2), k, v)
+    with pytest.raises(TypeError, match="fp32 only"):
+        cpu_attention(q.astype(jnp.bfloat16), k, v)
+
+
+@needs_kernel
+def test_attention_layer_uses_the_kernel_on_one_cpu_device_only(monkeypatch):
+    """Attention mixes with the kernel on one CPU device in fp32 (same values as XLA's path); with
+    implementation="xla", in bf16, with dropout, and under a mesh of several devices it does not."""
+    from mmjax.kernels import attention as ka
+    from mmjax.layers.attention import Attention
+    from mmjax.layers.masks import make_attention_mask
+
+    x = jax.random.normal(jax.random.key(0), (2, 12, 32))
+    mask = make_attention_mask(12, 12, causal=True)
+
+    def compiled(layer, dtype=jnp.float32, rngs=None, deterministic=True):
+        params = layer.init(jax.random.key(1), x)
+        f = jax.jit(lambda p, x: layer.apply(p, x.astype(dtype), mask=mask, deterministic=deterministic,
+                                             rngs=rngs))
+        return f(params, x), f.lower(params, x).as_text()
+
+    out, text = compiled(Attention(num_heads=4))
+    assert "mmjax_attention_fwd" in text
+    ref, ref_text = compiled(Attention(num_heads=4, implementation="xla"))
+    assert "mmjax_attention" not in ref_text
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert "mmjax_attention" not in compiled(Attention(num_heads=4, dtype=jnp.bfloat16), jnp.bfloat16)[1]
+    assert "mmjax_attention" not in compiled(Attention(num_heads=4, dropout=0.1), rngs={"dropout": jax.random.key(2)},
+                                             deterministic=False)[1]
+    monkeypatch.setattr(ka, "ENABLED", False)
+    assert "mmjax_attention" not in compiled(Attention(num_heads=4))[1]
+    monkeypatch.setattr(ka, "ENABLED", None)
+    if len(jax.devices()) >= 2:
+        mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+        with jax.set_mesh(mesh):
+            assert "mmjax_attention" not in compiled(Attention(num_heads=4))[1]

@@ -1,4 +1,6 @@
-"""Native CPU kernels, built on first use: a small-rows matmul for decoding (`rowdot`).
+"""Native CPU kernels, built on first use: a small-rows matmul for decoding (`rowdot`) and softmax
+attention for training (`attention_fwd` / `attention_bwd`, used by `mmjax.layers.attention`; see
+attention.cc for what it computes and why).
 
 Why a hand-written kernel. A decode step multiplies the batch's few rows by every weight of the
 model once, so it can go no faster than the weights stream from memory. XLA:CPU's dot (YNNPACK)
@@ -46,7 +48,10 @@ ROWDOT: bool | None = None
 # 8 rows 15.0 against 30.5 ms, 32 rows 34 against 43 ms, 64 rows 66 against 64 ms).
 ROWDOT_MAX_ROWS = 64
 TARGET = "mmjax_rowdot"
-SOURCE = Path(__file__).with_name("rowdot.cc")
+ATTENTION_FWD, ATTENTION_BWD = "mmjax_attention_fwd", "mmjax_attention_bwd"
+# Both sources build into one library: one compile, one cache entry, one reason when unavailable.
+SOURCES = (Path(__file__).with_name("rowdot.cc"), Path(__file__).with_name("attention.cc"))
+TARGETS = {TARGET: "MmjaxRowDot", ATTENTION_FWD: "MmjaxAttentionFwd", ATTENTION_BWD: "MmjaxAttentionBwd"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 ENV_SWITCH = "MMJAX_CPU_KERNELS"
 
@@ -90,8 +95,8 @@ def cpu_has_avx2_fma(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
-    """Compiles rowdot.cc into out_dir (default: cache_dir()) unless a build of the same source, flags,
-    compiler and jaxlib is there; returns the shared library's path. Raises KernelUnavailable."""
+    """Compiles the kernels' sources into one library in out_dir (default: cache_dir()) unless a build of
+    the same sources, flags, compiler and jaxlib is there; returns its path. Raises KernelUnavailable."""
     cxx = cxx or os.environ.get("CXX") or "c++"
     exe = shutil.which(cxx)
     if exe is None:
@@ -100,23 +105,23 @@ def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C++ compiler {exe} does not run: {e}") from e
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
-                                     jaxlib.__version__.encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(),
+                                     version.encode(), jaxlib.__version__.encode()])).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
-    lib = out_dir / f"rowdot-{key}.so"
+    lib = out_dir / f"mmjax_cpu-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes (pytest workers) each build and
     # the last rename wins with identical bytes; a reader never sees a half-written library.
-    fd, tmp = tempfile.mkstemp(prefix=".rowdot-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".mmjax_cpu-", suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [exe, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [exe, *FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+            names = ", ".join(src.name for src in SOURCES)
+            raise KernelUnavailable(f"compiling {names} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -152,7 +157,8 @@ def _load() -> str | None:
         import ctypes
 
         lib = ctypes.CDLL(str(build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MmjaxRowDot), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None

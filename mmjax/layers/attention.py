@@ -4,7 +4,9 @@ The module is split in two steps so that a KV cache slots in between them: `proj
 q [B, Q, H, Dh], k and v [B, K, Hkv, Dh]; `attend` mixes them under a boolean mask from
 `make_attention_mask` and projects back to D. With Hkv < H (GQA) each group of G = H/Hkv query
 heads shares one key/value head (query head h uses kv head h // G, as HF's repeat_kv).
-Without a cache (training, ViT, CLIP) the mixing is `jax.nn.dot_product_attention`.
+Without a cache (training, ViT, CLIP) the mixing is `jax.nn.dot_product_attention`, or on the CPU
+backend (fp32, one device, implementation None) mmjax's native kernel (`mmjax.kernels.attention`),
+which computes the same values and gradients.
 
 KV cache (decoding). Nothing is hidden in a Flax "cache" collection: a layer's cache is the pytree
 
@@ -42,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.kernels import attention as cpu_attention
 from mmjax.layers.linear import DenseGeneral
 from mmjax.layers.masks import make_attention_mask
 from mmjax.layers.norms import Norm
@@ -58,7 +61,8 @@ class Attention(nn.Module):
       num_heads: H.
       num_kv_heads: Hkv (None → H). Must divide H.
       head_dim: Dh (None → D / H).
-      implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn", or None = auto).
+      implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn", or None = auto: on the
+        CPU backend the native kernel where `use_cpu_attention` allows it).
       rope_base: if set, rotary embeddings on q and k at `positions`.
       qk_norm: RMS/LayerNorm over Dh on q and k (Chameleon-style stability; None = off).
     """
@@ -150,6 +154,8 @@ class Attention(nn.Module):
                 k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
             out = grouped_attention(q, k, v, mask, dropout_rate=self.dropout if dropout else 0.0,
                                     rng=self.make_rng("dropout") if dropout else None)
+        elif self.implementation is None and cpu_attention.use_cpu_attention(q, k):
+            out = cpu_attention.cpu_attention(q, k, v, mask)  # the native CPU kernel (mmjax/kernels/attention.py)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         out = constrain(out, ("act_batch", "act_len", "act_heads", None))

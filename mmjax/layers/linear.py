@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import kernels
+from mmjax.layers.barriers import materialize
 
 Initializer = Callable[..., jax.Array]
 DECODE = "decode"
@@ -77,6 +78,27 @@ def weight_major_dot(w_t: jax.Array, x: jax.Array, out_rank: int) -> jax.Array:
         return y.reshape(x.shape[:rows] + w_t.shape[:out_rank])
     y_t = jax.lax.dot_general(w_t, x, ((tuple(range(out_rank, w_t.ndim)), tuple(range(rows, x.ndim))), ((), ())))
     return jnp.transpose(y_t, tuple(range(out_rank, out_rank + rows)) + tuple(range(out_rank)))
+
+
+@jax.custom_vjp
+def rows_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [rows, in] · w [in, out], whose backward multiplies dy by a materialised copy of wᵀ (module
+    docstring: XLA:CPU's dot runs dy · wᵀ read through w about half as fast)."""
+    return jnp.dot(x, w)
+
+
+def _rows_dot_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _rows_dot_bwd(res, dy):
+    x, w = res
+    dx = jnp.dot(dy, materialize(jnp.transpose(w)))
+    dw = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+    return dx, dw
+
+
+rows_dot.defvjp(_rows_dot_fwd, _rows_dot_bwd)
 
 
 def default_kernel_init(in_rank: int, out_rank: int) -> Initializer:
@@ -135,7 +157,7 @@ class DenseGeneral(nn.Module):
             if flatten_rows_on():
                 # [rows, in] · [in, out] as 2D arrays (module docstring): dW contracts one axis, and db
                 # sums the columns of a 2D dy.
-                y = jnp.dot(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(in_shape), -1))
+                y = rows_dot(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(in_shape), -1))
                 if self.use_bias:
                     y = y + self._bias(features).reshape(-1)
                 return y.reshape(lead + features)

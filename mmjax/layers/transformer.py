@@ -45,6 +45,7 @@ import numpy as np
 
 from mmjax.config import config
 from mmjax.layers.attention import CACHE_AXES, Attention
+from mmjax.layers.barriers import materialize as _materialize
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
 from mmjax.sharding import constrain
@@ -92,18 +93,6 @@ class TransformerConfig:
 # Whether blocks put a fusion_barrier after each residual add and CLIP orders its towers with `after`
 # (module docstring); None: on the CPU backend.
 FUSION_BARRIERS: bool | None = None
-
-
-def _materialize(x: jax.Array, after: tuple = ()) -> jax.Array:
-    # A conditional's branches are separate computations, so XLA materialises its operands and its
-    # result, and runs it once all its operands are computed. The predicate is True behind an
-    # optimization_barrier (not constant-folded, so the conditional stays; it is not data, so no
-    # collective under sharding); the other branch is never taken. It differs from the identity so
-    # that XLA does not merge the two branches away, and it reads `after` so that XLA keeps those
-    # operands (and with them the ordering).
-    def other(a, deps):
-        return -a + sum((jnp.sum(d).astype(a.dtype) for d in deps), jnp.zeros((), a.dtype))
-    return jax.lax.cond(jax.lax.optimization_barrier(jnp.bool_(True)), lambda a, deps: a, other, x, after)
 
 
 def after(x: jax.Array, *deps: jax.Array) -> jax.Array:

@@ -1,0 +1,451 @@
+// mmjax_attention_fwd / mmjax_attention_bwd: softmax attention for training on the CPU, as XLA FFI handlers.
+//
+//   q [B, T, H, Dh], k and v [B, S, Hkv, Dh] (H = G·Hkv; query head h reads kv head h / G), fp32,
+//   mask [Bm, Hm, T, S] bool (Bm in {1, B}, Hm in {1, H}; True = attend) or none,
+//
+//   P = softmax_s(where(mask, scale · Q Kᵀ, -0.7·FLT_MAX))          [B, H, T, S]
+//   O = P V                                                          [B, T, H, Dh]
+//
+// as jax.nn.dot_product_attention computes it (a fully masked row gets uniform weights). The forward
+// can keep P for the backward, which needs no second Q Kᵀ:
+//
+//   D_t = Σ_d dO[t, d] O[t, d]        dP = dO Vᵀ        dS = where(mask, P ⊙ (dP − D) · scale, 0)
+//   dQ = dS K        dK = Σ_g dSᵀ Q        dV = Σ_g Pᵀ dO        (the sums over a kv head's G query heads)
+//
+// Why: XLA:CPU runs these as batched dots of [T, S] per (b, h) with the softmax, the transposes of
+// q/k/v into head-major order and the backward's elementwise terms as separate passes over
+// [B, H, T, S] arrays; here each (b, h) (each (b, kv head) in the backward) is one task whose [T, S]
+// block stays in the core's cache, and q, k, v, o are read in place with strides (no transposes).
+//
+// The matrix products use one register-blocked kernel: C[MR, 16] (+)= A[MR, K] · Bp[K, 16] with A read
+// through any (row, column) strides as broadcast scalars and B packed into 16-wide panels, MR ≤ 6:
+// per k, 2 panel loads and MR broadcasts feed 2·MR FMAs in 12 ymm accumulators (the BLIS Haswell
+// shape). The six products of the forward and backward are this kernel with different strides
+// and packings.
+//
+// Threads: tasks are claimed from a shared counter by the calling thread and by helpers scheduled on
+// XLA's intra-op pool; the caller waits only for tasks a helper has claimed (as mmjax_rowdot).
+//
+// Built by mmjax/kernels/__init__.py with -mavx2 -mfma; used only where the CPU has both.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kNR = 16;  // panel width: two ymm
+constexpr int kMR = 6;   // rows per register block
+constexpr float kMasked = -0.7f * FLT_MAX;  // jax.nn.dot_product_attention's large negative number
+
+// exp(x) for 8 lanes: x = n·ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 polynomial (Cephes' expf
+// coefficients), 2^n through the exponent bits. Relative error about 2e-7; inputs below -87.3 give 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+inline float exp1(float x) {
+  alignas(32) float v[8];
+  _mm256_store_ps(v, exp256(_mm256_set1_ps(x)));
+  return v[0];
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 mask bytes → lanes all-ones where the byte is nonzero.
+inline __m256 mask8(const uint8_t* m) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, _mm256_setzero_si256()));
+}
+
+// C[i, j] (+)= Σ_k A[i·rs + k·cs] · Bp[k·16 + j] for i < MR, j < n (n ≤ 16; C row stride ldc).
+template <int MR>
+inline void block(int64_t K, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
+                  int n, bool accumulate) {
+  __m256 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  const float* a = A;
+  for (int64_t k = 0; k < K; ++k, a += cs, Bp += kNR) {
+    const __m256 b0 = _mm256_load_ps(Bp), b1 = _mm256_load_ps(Bp + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i * rs);
+      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    if (n == kNR) {
+      if (accumulate) {
+        c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(c));
+        c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(c + 8));
+      }
+      _mm256_storeu_ps(c, c0[i]);
+      _mm256_storeu_ps(c + 8, c1[i]);
+    } else {
+      alignas(32) float t[kNR];
+      _mm256_store_ps(t, c0[i]);
+      _mm256_store_ps(t + 8, c1[i]);
+      for (int j = 0; j < n; ++j) c[j] = accumulate ? c[j] + t[j] : t[j];
+    }
+  }
+}
+
+// B operand of a product, packed: ceil(N / 16) panels of [K, 16] (zero-padded columns).
+struct Packed {
+  std::vector<float, std::allocator<float>> storage;
+  float* data = nullptr;
+  int64_t K = 0, N = 0;
+
+  float* reserve(int64_t k, int64_t n) {
+    K = k;
+    N = n;
+    const size_t need = static_cast<size_t>((n + kNR - 1) / kNR) * k * kNR + 8;
+    if (storage.size() < need) storage.resize(need);
+    // 32-byte aligned panels for _mm256_load_ps.
+    data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 31) & ~uintptr_t{31});
+    return data;
+  }
+  const float* panel(int64_t j) const { return data + (j / kNR) * K * kNR; }
+};
+
+// B[k, j] = src[k·ld + j]: rows of a matrix as they are (k < K rows, j < N contiguous columns).
+void pack_rows(Packed& p, const float* src, int64_t ld, int64_t K, int64_t N) {
+  float* d = p.reserve(K, N);
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t n = std::min<int64_t>(kNR, N - j0);
+    for (int64_t k = 0; k < K; ++k, d += kNR) {
+      const float* s = src + k * ld + j0;
+      if (n == kNR) {
+        _mm256_store_ps(d, _mm256_loadu_ps(s));
+        _mm256_store_ps(d + 8, _mm256_loadu_ps(s + 8));
+      } else {
+        for (int64_t j = 0; j < kNR; ++j) d[j] = j < n ? s[j] : 0.0f;
+      }
+    }
+  }
+}
+
+// B[k, j] = src[j·ld + k]: a matrix transposed (its j-th row holds column j of B).
+void pack_cols(Packed& p, const float* src, int64_t ld, int64_t K, int64_t N) {
+  float* d = p.reserve(K, N);
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t n = std::min<int64_t>(kNR, N - j0);
+    for (int64_t k = 0; k < K; ++k, d += kNR)
+      for (int64_t j = 0; j < kNR; ++j) d[j] = j < n ? src[(j0 + j) * ld + k] : 0.0f;
+  }
+}
+
+// C[M, N] (+)= A[M, K] · B[K, N], A[i, k] = A[i·rs + k·cs], B packed, C row stride ldc.
+void gemm(int64_t M, const float* A, int64_t rs, int64_t cs, const Packed& B, float* C, int64_t ldc,
+          bool accumulate) {
+  const int64_t K = B.K, N = B.N;
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const float* bp = B.panel(j0);
+    const int n = static_cast<int>(std::min<int64_t>(kNR, N - j0));
+    int64_t i = 0;
+    for (; i + kMR <= M; i += kMR) block<kMR>(K, A + i * rs, rs, cs, bp, C + i * ldc + j0, ldc, n, accumulate);
+    const float* a = A + i * rs;
+    float* c = C + i * ldc + j0;
+    switch (M - i) {
+      case 1: block<1>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
+      case 2: block<2>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
+      case 3: block<3>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
+      case 4: block<4>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
+      case 5: block<5>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+struct Dims {
+  int64_t B, T, S, H, Hkv, G, Dh;
+  int64_t mask_b_stride = 0, mask_h_stride = 0;  // in mask rows of S bytes; the mask's [T, S] block per (b, h)
+  bool has_mask = false;
+  float scale = 1.0f;
+  int64_t q_row() const { return H * Dh; }    // stride between tokens of q, o, dq, do
+  int64_t kv_row() const { return Hkv * Dh; } // of k, v, dk, dv
+};
+
+const uint8_t* mask_block(const Dims& d, const uint8_t* mask, int64_t b, int64_t h) {
+  return d.has_mask ? mask + (b * d.mask_b_stride + h * d.mask_h_stride) * d.T * d.S : nullptr;
+}
+
+// Row t of the logits L [S] → P [S] in place: P = softmax(where(mask, scale·L, kMasked)).
+void softmax_row(float* L, const uint8_t* m, int64_t S, float scale) {
+  const __m256 vs = _mm256_set1_ps(scale), vmasked = _mm256_set1_ps(kMasked);
+  __m256 vmax = _mm256_set1_ps(-FLT_MAX);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(L + s), vs);
+    if (m) x = _mm256_blendv_ps(vmasked, x, mask8(m + s));
+    _mm256_storeu_ps(L + s, x);
+    vmax = _mm256_max_ps(vmax, x);
+  }
+  float mx = hmax(vmax);
+  for (; s < S; ++s) {
+    const float x = (m && !m[s]) ? kMasked : L[s] * scale;
+    L[s] = x;
+    mx = std::max(mx, x);
+  }
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= S; s += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(L + s), vmx));
+    _mm256_storeu_ps(L + s, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; s < S; ++s) {
+    L[s] = exp1(L[s] - mx);
+    sum += L[s];
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(L + s, _mm256_mul_ps(_mm256_loadu_ps(L + s), inv));
+  for (; s < S; ++s) L[s] *= 1.0f / sum;
+}
+
+// Row t of dP [S] → dS in place: where(mask, P ⊙ (dP − D) · scale, 0).
+void dsoftmax_row(float* dP, const float* P, const uint8_t* m, int64_t S, float D, float scale) {
+  const __m256 vd = _mm256_set1_ps(D), vs = _mm256_set1_ps(scale);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(P + s), _mm256_sub_ps(_mm256_loadu_ps(dP + s), vd)), vs);
+    if (m) g = _mm256_and_ps(g, mask8(m + s));
+    _mm256_storeu_ps(dP + s, g);
+  }
+  for (; s < S; ++s) dP[s] = (m && !m[s]) ? 0.0f : P[s] * (dP[s] - D) * scale;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Runs task(i, scratch) for i < n on the calling thread and XLA's intra-op pool.
+template <typename Scratch, typename Fn>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct Work {
+    Fn fn;
+    int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+    explicit Work(Fn f, int64_t count) : fn(std::move(f)), n(count) {}
+    void drain() {
+      Scratch scratch;
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        fn(i, scratch);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto work = std::make_shared<Work>(std::move(fn), n);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+struct FwdScratch {
+  Packed kt, v;
+  std::vector<float> logits;
+};
+
+struct BwdScratch {
+  Packed vt, k, q, dout;
+  std::vector<float> dp, dsum;
+};
+
+ffi::Error check(const Dims& d, ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ffi::Span<const int64_t> v) {
+  if (q.size() != 4 || k.size() != 4 || v.size() != 4)
+    return ffi::Error::InvalidArgument("mmjax_attention: q, k, v must be [B, T, H, Dh] and [B, S, Hkv, Dh]");
+  if (k[0] != q[0] || k[3] != q[3] || v[0] != k[0] || v[1] != k[1] || v[2] != k[2] || v[3] != k[3] ||
+      k[2] == 0 || q[2] % k[2] != 0)
+    return ffi::Error::InvalidArgument("mmjax_attention: q [B, T, H, Dh] does not fit k, v [B, S, Hkv, Dh]");
+  (void)d;
+  return ffi::Error::Success();
+}
+
+ffi::Error dims_of(Dims& d, ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ffi::Span<const int64_t> v,
+                   ffi::Span<const int64_t> mask, bool has_mask, float scale) {
+  if (auto e = check(d, q, k, v); e.failure()) return e;
+  d.B = q[0];
+  d.T = q[1];
+  d.H = q[2];
+  d.Dh = q[3];
+  d.S = k[1];
+  d.Hkv = k[2];
+  d.G = d.H / d.Hkv;
+  d.scale = scale;
+  d.has_mask = has_mask;
+  if (has_mask) {
+    if (mask.size() != 4 || (mask[0] != 1 && mask[0] != d.B) || (mask[1] != 1 && mask[1] != d.H) || mask[2] != d.T ||
+        mask[3] != d.S)
+      return ffi::Error::InvalidArgument("mmjax_attention: mask must be [1 or B, 1 or H, T, S]");
+    d.mask_h_stride = mask[1] == 1 ? 0 : 1;
+    d.mask_b_stride = mask[0] == 1 ? 0 : mask[1];
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::ResultBuffer<ffi::F32> probs, float scale, bool has_mask, bool keep_probs) {
+  Dims d;
+  if (auto e = dims_of(d, q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), has_mask, scale);
+      e.failure())
+    return e;
+  if (keep_probs && probs->element_count() != d.B * d.H * d.T * d.S)
+    return ffi::Error::InvalidArgument("mmjax_attention_fwd: probs must be [B, H, T, S]");
+  if (d.B * d.H == 0 || d.T == 0) return ffi::Error::Success();
+  if (d.S == 0) {
+    std::memset(out->typed_data(), 0, sizeof(float) * out->element_count());
+    return ffi::Error::Success();
+  }
+  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
+  const uint8_t* md = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  float *od = out->typed_data(), *pd = keep_probs ? probs->typed_data() : nullptr;
+  parallel_for<FwdScratch>(pool, d.B * d.H, [&d, qd, kd, vd, md, od, pd](int64_t task, FwdScratch& w) {
+    const int64_t b = task / d.H, h = task % d.H, j = h / d.G;
+    const float* qb = qd + (b * d.T * d.H + h) * d.Dh;     // Q[t, :] at qb + t·q_row
+    const float* kb = kd + (b * d.S * d.Hkv + j) * d.Dh;   // K[s, :] at kb + s·kv_row
+    const float* vb = vd + (b * d.S * d.Hkv + j) * d.Dh;
+    float* ob = od + (b * d.T * d.H + h) * d.Dh;
+    float* P;
+    if (pd) {
+      P = pd + task * d.T * d.S;
+    } else {
+      if (w.logits.size() < static_cast<size_t>(d.T * d.S)) w.logits.resize(d.T * d.S);
+      P = w.logits.data();
+    }
+    const uint8_t* m = mask_block(d, md, b, h);
+    pack_cols(w.kt, kb, d.kv_row(), d.Dh, d.S);                 // B[d, s] = K[s, d]
+    gemm(d.T, qb, d.q_row(), 1, w.kt, P, d.S, false);          // L = Q Kᵀ
+    for (int64_t t = 0; t < d.T; ++t) softmax_row(P + t * d.S, m ? m + t * d.S : nullptr, d.S, d.scale);
+    pack_rows(w.v, vb, d.kv_row(), d.S, d.Dh);                  // B[s, d] = V[s, d]
+    gemm(d.T, P, d.S, 1, w.v, ob, d.q_row(), false);           // O = P V
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> probs,
+                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale, bool has_mask) {
+  Dims d;
+  if (auto e = dims_of(d, q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), has_mask, scale);
+      e.failure())
+    return e;
+  if (probs.element_count() != d.B * d.H * d.T * d.S || out.element_count() != q.element_count() ||
+      dout.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument("mmjax_attention_bwd: probs [B, H, T, S], out and dout [B, T, H, Dh]");
+  std::memset(dq->typed_data(), 0, sizeof(float) * dq->element_count());
+  std::memset(dk->typed_data(), 0, sizeof(float) * dk->element_count());
+  std::memset(dv->typed_data(), 0, sizeof(float) * dv->element_count());
+  if (d.B * d.H == 0 || d.T == 0 || d.S == 0) return ffi::Error::Success();
+  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data(), *pd = probs.typed_data();
+  const float *od = out.typed_data(), *dod = dout.typed_data();
+  const uint8_t* md = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  float *dqd = dq->typed_data(), *dkd = dk->typed_data(), *dvd = dv->typed_data();
+  parallel_for<BwdScratch>(pool, d.B * d.Hkv, [&](int64_t task, BwdScratch& w) {
+    const int64_t b = task / d.Hkv, j = task % d.Hkv;
+    const float* kb = kd + (b * d.S * d.Hkv + j) * d.Dh;
+    const float* vb = vd + (b * d.S * d.Hkv + j) * d.Dh;
+    float* dkb = dkd + (b * d.S * d.Hkv + j) * d.Dh;
+    float* dvb = dvd + (b * d.S * d.Hkv + j) * d.Dh;
+    pack_cols(w.vt, vb, d.kv_row(), d.Dh, d.S);  // B[d, s] = V[s, d]
+    pack_rows(w.k, kb, d.kv_row(), d.S, d.Dh);   // B[s, d] = K[s, d]
+    if (w.dp.size() < static_cast<size_t>(d.T * d.S)) w.dp.resize(d.T * d.S);
+    if (w.dsum.size() < static_cast<size_t>(d.T)) w.dsum.resize(d.T);
+    float* dS = w.dp.data();
+    for (int64_t g = 0; g < d.G; ++g) {
+      const int64_t h = j * d.G + g;
+      const int64_t off = (b * d.T * d.H + h) * d.Dh;  // Q[t, :], O, dO, dQ at off + t·q_row
+      const float* P = pd + (b * d.H + h) * d.T * d.S;
+      const uint8_t* m = mask_block(d, md, b, h);
+      for (int64_t t = 0; t < d.T; ++t)
+        w.dsum[t] = dot(dod + off + t * d.q_row(), od + off + t * d.q_row(), d.Dh);
+      gemm(d.T, dod + off, d.q_row(), 1, w.vt, dS, d.S, false);  // dP = dO Vᵀ
+      for (int64_t t = 0; t < d.T; ++t)
+        dsoftmax_row(dS + t * d.S, P + t * d.S, m ? m + t * d.S : nullptr, d.S, w.dsum[t], d.scale);
+      gemm(d.T, dS, d.S, 1, w.k, dqd + off, d.q_row(), false);  // dQ = dS K
+      pack_rows(w.q, qd + off, d.q_row(), d.T, d.Dh);             // B[t, d] = Q[t, d]
+      gemm(d.S, dS, 1, d.S, w.q, dkb, d.kv_row(), true);          // dK += dSᵀ Q
+      pack_rows(w.dout, dod + off, d.q_row(), d.T, d.Dh);         // B[t, d] = dO[t, d]
+      gemm(d.S, P, 1, d.S, w.dout, dvb, d.kv_row(), true);        // dV += Pᵀ dO
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxAttentionFwd, AttentionFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_mask")
+                                  .Attr<bool>("keep_probs"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxAttentionBwd, AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_mask"));

@@ -1,0 +1,126 @@
+"""Softmax attention on the CPU with mmjax's native kernel (attention.cc), forward and backward.
+
+    out = cpu_attention(q, k, v, mask)      q [B, T, H, Dh], k, v [B, S, Hkv, Dh] → [B, T, H, Dh]
+
+computes what `jax.nn.dot_product_attention(q, k, v, mask=mask)` computes (scale 1/√Dh, masked logits
+set to -0.7·FLT_MAX, so a fully masked row gets uniform weights and no gradient), in fp32, as two
+XLA FFI calls under a `jax.custom_vjp`: the forward keeps the probabilities P [B, H, T, S] for the
+backward, which then needs no second Q·Kᵀ. That costs 4·B·H·T·S bytes per layer between the passes,
+as XLA's own backward keeps, so the kernel is used up to MAX_KEYS keys (beyond, XLA's attention).
+
+`mmjax.layers.attention.Attention` uses it on the CPU backend when `use_cpu_attention` says so: fp32,
+no dropout, no KV cache, a one-device mesh (a custom call cannot be partitioned: on a mesh XLA would
+gather the operands), and the kernel available (`mmjax.kernels`: x86-64 with AVX2/FMA and a C++
+compiler). Why it exists, measured (2-core Xeon, AVX-512, tiny CLIP train step): see the README's
+Running on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import kernels
+
+# None: use the kernel where it is available; False: never (also MMJAX_CPU_KERNELS=0).
+ENABLED: bool | None = None
+MAX_KEYS = 2048  # P is kept for the backward: 4·T·S bytes per (batch row, head)
+
+
+def _mask_operand(mask: jax.Array | None, b: int, h: int, t: int, s: int) -> tuple[jax.Array, bool]:
+    """The mask as [1 or B, 1 or H, T, S] bool (broadcast over what it lacks), or a dummy and False."""
+    if mask is None:
+        return jnp.zeros((1, 1, 1, 1), jnp.bool_), False
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
+    mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    mb, mh, mt, ms = mask.shape
+    if mb not in (1, b) or mh not in (1, h) or mt not in (1, t) or ms not in (1, s):
+        raise ValueError(f"attention mask of shape {mask.shape} does not broadcast to [B, H, T, S] = {[b, h, t, s]}")
+    return jnp.broadcast_to(mask, (mb, mh, t, s)), True
+
+
+def _check(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"cpu_attention: q [B, T, H, Dh] and k, v [B, S, Hkv, Dh], got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"cpu_attention: {q.shape[2]} query heads cannot be grouped over {k.shape[2]} kv heads")
+    if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
+        raise TypeError(f"cpu_attention: fp32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _forward(q, k, v, mask, keep_probs: bool):
+    b, t, h, dh = q.shape
+    s = k.shape[1]
+    m, has_mask = _mask_operand(mask, b, h, t, s)
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+              jax.ShapeDtypeStruct((b, h, t, s) if keep_probs else (0,), jnp.float32))
+    call = jax.ffi.ffi_call(kernels.ATTENTION_FWD, shapes, vmap_method="sequential")
+    out, probs = call(q, k, v, m, scale=np.float32(1.0 / np.sqrt(dh)), has_mask=has_mask, keep_probs=keep_probs)
+    return out, probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=())
+def _attention(q, k, v, mask):
+    return _forward(q, k, v, mask, keep_probs=False)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    out, probs = _forward(q, k, v, mask, keep_probs=True)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attention_bwd(res, dout):
+    q, k, v, mask, probs, out = res
+    b, t, h, dh = q.shape
+    m, has_mask = _mask_operand(mask, b, h, t, k.shape[1])
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call(kernels.ATTENTION_BWD, shapes, vmap_method="sequential")
+    dq, dk, dv = call(q, k, v, m, probs, out, dout.astype(jnp.float32), scale=np.float32(1.0 / np.sqrt(dh)),
+                      has_mask=has_mask)
+    dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)  # a boolean input: no gradient
+    return dq, dk, dv, dmask
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention with the native kernel: q [B, T, H, Dh], k, v [B, S, Hkv, Dh] (Hkv divides H;
+    query head h reads kv head h // (H / Hkv)), mask bool broadcastable to [B, H, T, S] (True = attend)
+    → [B, T, H, Dh] fp32. Raises KernelUnavailable where the kernel cannot be built."""
+    reason = kernels.rowdot_unavailable_reason()
+    if reason is not None:
+        raise kernels.KernelUnavailable(reason)
+    _check(q, k, v)
+    if mask is not None:
+        _mask_operand(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # the error names a bad shape
+    return _attention(q, k, v, mask)
+
+
+def use_cpu_attention(q: jax.Array, k: jax.Array, *, dropout: bool = False) -> bool:
+    """Whether Attention should mix q [B, T, H, Dh] and k [B, S, Hkv, Dh] with the kernel (at trace time)."""
+    if ENABLED is False or dropout or os.environ.get(kernels.ENV_SWITCH, "1") == "0":
+        return False
+    if jax.default_backend() != "cpu" or q.dtype != jnp.float32 or k.dtype != jnp.float32:
+        return False
+    if q.ndim != 4 or k.ndim != 4 or k.shape[1] > MAX_KEYS or q.shape[2] % k.shape[2]:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        return False
+    reason = kernels.rowdot_unavailable_reason()
+    if reason is not None:
+        _warn_once(reason)
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"mmjax: the CPU attention kernel is unavailable ({reason}); attention uses XLA's", stacklevel=3)
