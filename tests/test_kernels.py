@@ -283,3 +283,65 @@ def test_attention_layer_uses_the_kernel_on_one_cpu_device_only(monkeypatch):
         mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
         with jax.set_mesh(mesh):
             assert "mmjax_attention" not in compiled(Attention(num_heads=4))[1]
+
+
+# --- LayerNorm / RMSNorm (norm.cc, mmjax.kernels.norm) ---------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("shape,rms,bias", [
+    ((4, 7, 128), False, True), ((33, 13), False, False), ((200, 384), True, False), ((3, 1), False, True),
+    ((130, 24), True, False), ((2, 65, 40), False, True),  # rows over several chunks, D off the 8-lane grid
+])
+def test_cpu_norm_matches_the_equation_values_and_gradients(shape, rms, bias):
+    """Against the float64 equation (forward) and jax.grad of the same equation in fp32 (backward)."""
+    from mmjax.kernels.norm import cpu_norm
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, np.float32) * 3 + 1
+    d = shape[-1]
+    g = rng.standard_normal(d, np.float32)
+    b = rng.standard_normal(d, np.float32) if bias else None
+
+    def ref(x, g, b, xp=jnp):
+        if rms:
+            y = x / xp.sqrt(xp.mean(x * x, -1, keepdims=True) + 1e-5)
+        else:
+            m = x.mean(-1, keepdims=True)
+            y = (x - m) / xp.sqrt(xp.mean((x - m) ** 2, -1, keepdims=True) + 1e-5)
+        return y * g + (0 if b is None else b)
+
+    ours = lambda x, g, b: cpu_norm(x, g, b, eps=1e-5, rms=rms)
+    want = ref(x.astype(np.float64), g.astype(np.float64), None if b is None else b.astype(np.float64), xp=np)
+    np.testing.assert_allclose(jax.jit(ours)(x, g, b), want, rtol=1e-5, atol=1e-5)
+    w = rng.standard_normal(shape, np.float32)
+    args = (0, 1, 2) if bias else (0, 1)
+    grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=args))(x, g, b)
+    for got, want, name in zip(grads(ours), grads(ref), ("x", "scale", "bias")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.sqrt(x.size / d), err_msg=f"d{name}")
+
+
+@needs_kernel
+def test_norm_layer_uses_the_kernel_on_one_device_and_names_bad_operands(monkeypatch):
+    from mmjax.kernels import norm as kn
+    from mmjax.layers.norms import Norm
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16))
+
+    def run(layer, dtype=jnp.float32):
+        p = layer.init(jax.random.key(1), x.astype(dtype))
+        f = jax.jit(lambda p, x: layer.apply(p, x))
+        return f(p, x.astype(dtype)), f.lower(p, x.astype(dtype)).as_text()
+
+    for kind in ("layernorm", "rmsnorm"):
+        out, text = run(Norm(kind))
+        assert kernels.NORM_FWD in text
+        monkeypatch.setattr(kn, "ENABLED", False)
+        ref, ref_text = run(Norm(kind))
+        monkeypatch.setattr(kn, "ENABLED", None)
+        assert kernels.NORM_FWD not in ref_text
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # bf16 activations: Norm takes its statistics in fp32 anyway, so the kernel serves them too.
+    out16, text16 = run(Norm("layernorm", dtype=jnp.bfloat16), jnp.bfloat16)
+    assert kernels.NORM_FWD in text16 and out16.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="RMSNorm has no bias"):
+        kn.cpu_norm(x, jnp.ones(16), jnp.zeros(16), eps=1e-6, rms=True)
+    with pytest.raises(ValueError, match=r"scale and bias \[D\]"):
+        kn.cpu_norm(x, jnp.ones(15), None, eps=1e-6)

@@ -342,3 +342,29 @@ def test_dense_flattens_rows_so_the_kernel_gradient_needs_no_transposed_copy(mon
     copy = re.compile(r"= f32\[48,(96|4,24)\]\{[\d,]+\} (fusion|copy|transpose)\(")
     assert copy.search(nested_hlo), "XLA:CPU no longer copies dy for a two-axis contraction: FLATTEN_ROWS may go"
     assert not copy.search(flat_hlo), [line for line in flat_hlo.splitlines() if copy.search(line)]
+
+
+@pytest.mark.parametrize("kv_heads,use_bias", [(4, True), (2, False)])
+def test_fused_qkv_projection_equals_three_projections(monkeypatch, kv_heads, use_bias):
+    """On the CPU, self-attention multiplies by Wq, Wk, Wv side by side in one dot; the params stay three
+    layers' (query/key/value kernel and bias), and outputs and gradients equal the separate products."""
+    import re
+
+    import mmjax.layers.attention as la
+    layer = Attention(num_heads=4, num_kv_heads=kv_heads, use_bias=use_bias, implementation="xla")
+    x = jax.random.normal(jax.random.key(0), (2, 9, 32))
+    params = layer.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # biases ≠ 0
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(la, "flatten_rows_on", lambda fused=fused: fused)
+        f = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), argnums=(0, 1)))
+        results[fused] = f(params, x), f.lower(params, x).compile().as_text()
+    (fused_val, fused_grads), fused_hlo = results[True]
+    (val, grads), _ = results[False]
+    np.testing.assert_allclose(fused_val, val, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert jax.tree.structure(fused_grads) == jax.tree.structure(grads)
+    width = (4 + 2 * kv_heads) * 8
+    assert re.search(rf"= f32\[18,{width}\]\S* (dot|fusion)\(", fused_hlo), f"no [18, {width}] product"

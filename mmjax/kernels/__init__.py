@@ -1,6 +1,6 @@
-"""Native CPU kernels, built on first use: a small-rows matmul for decoding (`rowdot`) and softmax
-attention for training (`attention_fwd` / `attention_bwd`, used by `mmjax.layers.attention`; see
-attention.cc for what it computes and why).
+"""Native CPU kernels, built on first use: a small-rows matmul for decoding (`rowdot`), and for training
+softmax attention (`mmjax.kernels.attention`, used by `mmjax.layers.attention`) and LayerNorm/RMSNorm
+(`mmjax.kernels.norm`, used by `mmjax.layers.norms`); each .cc file says what it computes and why.
 
 Why a hand-written kernel. A decode step multiplies the batch's few rows by every weight of the
 model once, so it can go no faster than the weights stream from memory. XLA:CPU's dot (YNNPACK)
@@ -49,9 +49,12 @@ ROWDOT: bool | None = None
 ROWDOT_MAX_ROWS = 64
 TARGET = "mmjax_rowdot"
 ATTENTION_FWD, ATTENTION_BWD = "mmjax_attention_fwd", "mmjax_attention_bwd"
-# Both sources build into one library: one compile, one cache entry, one reason when unavailable.
-SOURCES = (Path(__file__).with_name("rowdot.cc"), Path(__file__).with_name("attention.cc"))
-TARGETS = {TARGET: "MmjaxRowDot", ATTENTION_FWD: "MmjaxAttentionFwd", ATTENTION_BWD: "MmjaxAttentionBwd"}
+NORM_FWD, NORM_BWD = "mmjax_norm_fwd", "mmjax_norm_bwd"
+# The sources build into one library: one compile, one cache entry, one reason when unavailable.
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("rowdot.cc", "attention.cc", "norm.cc"))
+HEADERS = (Path(__file__).with_name("common.h"),)
+TARGETS = {TARGET: "MmjaxRowDot", ATTENTION_FWD: "MmjaxAttentionFwd", ATTENTION_BWD: "MmjaxAttentionBwd",
+           NORM_FWD: "MmjaxNormFwd", NORM_BWD: "MmjaxNormBwd"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 ENV_SWITCH = "MMJAX_CPU_KERNELS"
 
@@ -105,7 +108,7 @@ def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C++ compiler {exe} does not run: {e}") from e
-    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(FLAGS).encode(),
                                      version.encode(), jaxlib.__version__.encode()])).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
     lib = out_dir / f"mmjax_cpu-{key}.so"
@@ -182,6 +185,30 @@ def use_rowdot(w_t: jax.Array, rows: int) -> bool:
         _warn_once(reason)
         return False
     return True
+
+
+def training_kernel_usable(*arrays: jax.Array, what: str) -> bool:
+    """Whether a training kernel (attention, norm) may take these operands, at trace time: the CPU
+    backend, fp32 operands, not switched off (MMJAX_CPU_KERNELS=0, `cpu_kernels_disabled`), at most one
+    device in the mesh being traced for (a custom call cannot be partitioned: XLA would gather its
+    operands onto every device), and the library available (else one warning naming the reason)."""
+    if not _ALLOWED.get() or os.environ.get(ENV_SWITCH, "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    if any(a.dtype != jnp.float32 for a in arrays):
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        return False
+    reason = _load()
+    if reason is not None:
+        _warn_kernel_once(what, reason)
+        return False
+    return True
+
+
+@functools.cache
+def _warn_kernel_once(what: str, reason: str) -> None:
+    warnings.warn(f"mmjax: the CPU {what} kernel is unavailable ({reason}); {what} uses XLA's ops", stacklevel=4)
 
 
 @functools.cache

@@ -23,8 +23,8 @@
 // shape). The six products of the forward and backward are this kernel with different strides
 // and packings.
 //
-// Threads: tasks are claimed from a shared counter by the calling thread and by helpers scheduled on
-// XLA's intra-op pool; the caller waits only for tasks a helper has claimed (as mmjax_rowdot).
+// Threads: the tasks are spread over XLA's intra-op pool (mmjax::parallel_for in common.h); each thread
+// keeps its scratch (the [T, S] block, packed panels) from call to call.
 //
 // Built by mmjax/kernels/__init__.py with -mavx2 -mfma; used only where the CPU has both.
 #include <immintrin.h>
@@ -39,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -76,19 +77,8 @@ inline float exp1(float x) {
   return v[0];
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using mmjax::hmax;
+using mmjax::hsum;
 
 // 8 mask bytes → lanes all-ones where the byte is nonzero.
 inline __m256 mask8(const uint8_t* m) {
@@ -264,29 +254,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// Runs task(i, scratch) for i < n on the calling thread and XLA's intra-op pool.
-template <typename Scratch, typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  struct Work {
-    Fn fn;
-    int64_t n;
-    std::atomic<int64_t> next{0}, done{0};
-    explicit Work(Fn f, int64_t count) : fn(std::move(f)), n(count) {}
-    void drain() {
-      Scratch scratch;
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-        fn(i, scratch);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto work = std::make_shared<Work>(std::move(fn), n);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
 struct FwdScratch {
   Packed kt, v;
   std::vector<float> logits;
@@ -346,7 +313,8 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
   const uint8_t* md = reinterpret_cast<const uint8_t*>(mask.typed_data());
   float *od = out->typed_data(), *pd = keep_probs ? probs->typed_data() : nullptr;
-  parallel_for<FwdScratch>(pool, d.B * d.H, [&d, qd, kd, vd, md, od, pd](int64_t task, FwdScratch& w) {
+  mmjax::parallel_for(pool, d.B * d.H, [&d, qd, kd, vd, md, od, pd](int64_t task) {
+    thread_local FwdScratch w;  // kept by each pool thread across calls
     const int64_t b = task / d.H, h = task % d.H, j = h / d.G;
     const float* qb = qd + (b * d.T * d.H + h) * d.Dh;     // Q[t, :] at qb + t·q_row
     const float* kb = kd + (b * d.S * d.Hkv + j) * d.Dh;   // K[s, :] at kb + s·kv_row
@@ -388,7 +356,8 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   const float *od = out.typed_data(), *dod = dout.typed_data();
   const uint8_t* md = reinterpret_cast<const uint8_t*>(mask.typed_data());
   float *dqd = dq->typed_data(), *dkd = dk->typed_data(), *dvd = dv->typed_data();
-  parallel_for<BwdScratch>(pool, d.B * d.Hkv, [&](int64_t task, BwdScratch& w) {
+  mmjax::parallel_for(pool, d.B * d.Hkv, [&](int64_t task) {
+    thread_local BwdScratch w;
     const int64_t b = task / d.Hkv, j = task % d.Hkv;
     const float* kb = kd + (b * d.S * d.Hkv + j) * d.Dh;
     const float* vb = vd + (b * d.S * d.Hkv + j) * d.Dh;

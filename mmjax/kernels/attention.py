@@ -17,10 +17,6 @@ Running on CPU.
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +43,8 @@ def _mask_operand(mask: jax.Array | None, b: int, h: int, t: int, s: int) -> tup
 
 def _check(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"cpu_attention: q [B, T, H, Dh] and k, v [B, S, Hkv, Dh], got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"cpu_attention: q [B, T, H, Dh] and k, v [B, S, Hkv, Dh], got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"cpu_attention: {q.shape[2]} query heads cannot be grouped over {k.shape[2]} kv heads")
     if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
@@ -65,7 +62,7 @@ def _forward(q, k, v, mask, keep_probs: bool):
     return out, probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def _attention(q, k, v, mask):
     return _forward(q, k, v, mask, keep_probs=False)[0]
 
@@ -105,22 +102,8 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 
 def use_cpu_attention(q: jax.Array, k: jax.Array, *, dropout: bool = False) -> bool:
     """Whether Attention should mix q [B, T, H, Dh] and k [B, S, Hkv, Dh] with the kernel (at trace time)."""
-    if ENABLED is False or dropout or os.environ.get(kernels.ENV_SWITCH, "1") == "0":
-        return False
-    if jax.default_backend() != "cpu" or q.dtype != jnp.float32 or k.dtype != jnp.float32:
+    if ENABLED is False or dropout:
         return False
     if q.ndim != 4 or k.ndim != 4 or k.shape[1] > MAX_KEYS or q.shape[2] % k.shape[2]:
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty and mesh.size > 1:
-        return False
-    reason = kernels.rowdot_unavailable_reason()
-    if reason is not None:
-        _warn_once(reason)
-        return False
-    return True
-
-
-@functools.cache
-def _warn_once(reason: str) -> None:
-    warnings.warn(f"mmjax: the CPU attention kernel is unavailable ({reason}); attention uses XLA's", stacklevel=3)
+    return kernels.training_kernel_usable(q, k, what="attention")

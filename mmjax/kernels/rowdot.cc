@@ -11,10 +11,7 @@
 // tile's rows are prefetched, which on a 2-core AMD EPYC (Zen 2) took one thread from 6 to 8 GB/s
 // of weights at 8 rows. Lanes are summed at the end of a tile (hadd tree) and stored as scalars.
 //
-// Threads: chunks of wt rows are claimed from a shared counter by the calling thread and by helpers
-// scheduled on XLA's intra-op thread pool. The caller waits only for chunks that a helper has
-// claimed, so a helper that never gets a thread (the pool busy with another op) costs nothing and
-// cannot deadlock; a late helper finds no chunk left and touches no buffer.
+// Threads: chunks of wt rows are spread over XLA's intra-op pool (mmjax::parallel_for in common.h).
 //
 // Built by mmjax/kernels/__init__.py with -mavx2 -mfma; used only where the CPU has both.
 #include <immintrin.h>
@@ -25,6 +22,7 @@
 #include <memory>
 #include <thread>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -111,23 +109,6 @@ void columns(const float* wt, const float* x, float* y, int64_t M, int64_t N, in
   for (; n < n1; ++n) all_rows<1>(wt, x, y, M, N, K, n, mask);
 }
 
-struct Work {
-  const float* wt;
-  const float* x;
-  float* y;
-  int64_t M, N, K, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t n0 = c * chunk;
-      columns(wt, x, y, M, N, K, n0, std::min(N, n0 + chunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error RowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::F32> x,
                   ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = wt.dimensions();
@@ -137,22 +118,16 @@ ffi::Error RowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("mmjax_rowdot: expects wt [N, K], x [M, K] and y [M, N]");
   const int64_t N = wd[0], K = wd[1], M = xd[0];
   if (M == 0 || N == 0) return ffi::Error::Success();
-  auto work = std::make_shared<Work>();
-  work->wt = wt.typed_data();
-  work->x = x.typed_data();
-  work->y = y->typed_data();
-  work->M = M;
-  work->N = N;
-  work->K = K;
+  const float* w = wt.typed_data();
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
   // About 192 KiB of weights per chunk (whole tiles). Longer runs of contiguous rows stream faster (the
   // hardware prefetcher ramps up on each new run): on a decoder's matmul chain, 8 rows, 48 KiB chunks
   // took 15.3-16.3 ms, 192 KiB 13.7-14.1, 384 KiB 14.3, 768 KiB 14.9 (alternated medians).
-  work->chunk = std::max<int64_t>(1, 49152 / std::max<int64_t>(K, 1) / kTileRows) * kTileRows;
-  work->chunks = (N + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const int64_t chunk = std::max<int64_t>(1, 49152 / std::max<int64_t>(K, 1) / kTileRows) * kTileRows;
+  mmjax::parallel_for(pool, (N + chunk - 1) / chunk, [=](int64_t c) {
+    columns(w, xp, yp, M, N, K, c * chunk, std::min(N, c * chunk + chunk));
+  });
   return ffi::Error::Success();
 }
 

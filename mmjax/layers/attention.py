@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.kernels import attention as cpu_attention
-from mmjax.layers.linear import DenseGeneral
+from mmjax.layers.linear import DECODE, DenseGeneral, flatten_rows_on, fused_projection
 from mmjax.layers.masks import make_attention_mask
 from mmjax.layers.norms import Norm
 from mmjax.layers.posemb import apply_rope
@@ -125,10 +125,15 @@ class Attention(nn.Module):
         dh = self.head_dim or d // h
         if self.head_dim is None and d % h:
             raise ValueError(f"width {d} is not divisible by num_heads={h}; set head_dim")
-        context = x if context is None else context
-        q = self._dense((h, dh), ("embed", "heads", "head_dim"), "query")(x)
-        k = self._dense((hkv, dh), ("embed", "kv_heads", "head_dim"), "key")(context)
-        v = self._dense((hkv, dh), ("embed", "kv_heads", "head_dim"), "value")(context)
+        denses = (self._dense((h, dh), ("embed", "heads", "head_dim"), "query"),
+                  self._dense((hkv, dh), ("embed", "kv_heads", "head_dim"), "key"),
+                  self._dense((hkv, dh), ("embed", "kv_heads", "head_dim"), "value"))
+        if context is None and flatten_rows_on() and DECODE not in self.variables \
+                and not self.is_mutable_collection(DECODE):
+            q, k, v = fused_projection(denses, x)  # self-attention on the CPU: one [D, (H + 2·Hkv)·Dh] dot
+        else:
+            context = x if context is None else context
+            q, k, v = denses[0](x), denses[1](context), denses[2](context)
         if self.qk_norm:
             q = Norm(self.qk_norm, self.norm_eps, dtype=self.dtype, axis_name="head_dim", name="query_norm")(q)
             k = Norm(self.qk_norm, self.norm_eps, dtype=self.dtype, axis_name="head_dim", name="key_norm")(k)

@@ -41,6 +41,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax import kernels
 from mmjax.layers.barriers import materialize
@@ -101,6 +102,22 @@ def _rows_dot_bwd(res, dy):
 rows_dot.defvjp(_rows_dot_fwd, _rows_dot_bwd)
 
 
+def fused_projection(denses: Sequence[DenseGeneral], x: jax.Array) -> tuple[jax.Array, ...]:
+    """(d(x) for d in denses) as one matmul of x [..., D] by the kernels side by side, [D, Σ out]: for
+    q/k/v on the CPU, where XLA's dot runs a narrow [rows, D] × [D, D] product at about half the
+    speed of a wide one. Each output keeps its layer's shape; each layer keeps its own params."""
+    params = [d(x, params_only=True) for d in denses]
+    kernels_ = [k.reshape(x.shape[-1], -1) for k, _ in params]
+    widths = [k.shape[1] for k in kernels_]
+    lead = x.shape[:-1]
+    y = rows_dot(x.reshape(math.prod(lead), -1).astype(kernels_[0].dtype), jnp.concatenate(kernels_, axis=1))
+    if any(b is not None for _, b in params):
+        y = y + jnp.concatenate([jnp.zeros((w,), y.dtype) if b is None else b.reshape(-1)
+                                 for (_, b), w in zip(params, widths)])
+    outs = jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=1)
+    return tuple(o.reshape(lead + k.shape[1:]) for o, (k, _) in zip(outs, params))
+
+
 def default_kernel_init(in_rank: int, out_rank: int) -> Initializer:
     """Xavier-uniform over the flattened fan-in and fan-out axes (big_vision's ViT default)."""
     return nn.initializers.variance_scaling(
@@ -131,8 +148,16 @@ class DenseGeneral(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, params_only: bool = False):
+        """x [..., in...] → [..., out...]; with params_only, declares the params for an input like x and
+        returns (kernel, bias or None) in the compute dtype without multiplying (`fused_projection`)."""
         features = _as_tuple(self.features)
+        if params_only:
+            init = self.kernel_init or default_kernel_init(self.in_rank, len(features))
+            shape = x.shape[x.ndim - self.in_rank:] + features
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), shape,
+                                self.param_dtype)
+            return kernel.astype(self.dtype), self._bias(features) if self.use_bias else None
         in_shape = x.shape[x.ndim - self.in_rank:]
         shape = in_shape + features
         if len(self.kernel_axes) != len(shape):

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.kernels import norm as cpu_norm
+
 NormKind = Literal["layernorm", "rmsnorm"]
 
 
@@ -15,6 +17,7 @@ class Norm(nn.Module):
     """LayerNorm: (x - mean) / sqrt(var + eps) * scale + bias.  RMSNorm: x / sqrt(mean(x²) + eps) * scale.
 
     Statistics are taken in float32 (bf16 variance is too coarse), the result is cast back to `dtype`.
+    On the CPU backend (fp32 params, one device) mmjax's native kernel computes it (`mmjax.kernels.norm`).
     """
 
     kind: NormKind = "layernorm"
@@ -26,21 +29,27 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"unknown norm kind {self.kind!r}; expected 'layernorm' or 'rmsnorm'")
         d = x.shape[-1]
+        rms = self.kind == "rmsnorm"
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (d,), self.param_dtype).astype(jnp.float32)
+        bias = None
+        if self.use_bias and not rms:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                              (d,), self.param_dtype).astype(jnp.float32)
         xf = x.astype(jnp.float32)
-        if self.kind == "layernorm":
+        if cpu_norm.use_cpu_norm(xf):
+            # The native CPU kernel (mmjax/kernels/norm.py): the same values, a one-pass backward.
+            return cpu_norm.cpu_norm(xf, scale, bias, eps=self.eps, rms=rms).astype(self.dtype)
+        if rms:
+            y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        else:
             mean = jnp.mean(xf, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
             y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        elif self.kind == "rmsnorm":
-            y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        else:
-            raise ValueError(f"unknown norm kind {self.kind!r}; expected 'layernorm' or 'rmsnorm'")
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                           (d,), self.param_dtype)
-        y = y * scale.astype(jnp.float32)
-        if self.use_bias and self.kind == "layernorm":
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
-                              (d,), self.param_dtype)
-            y = y + bias.astype(jnp.float32)
+        y = y * scale
+        if bias is not None:
+            y = y + bias
         return y.astype(self.dtype)
