@@ -117,7 +117,7 @@ def test_build_names_a_missing_compiler(tmp_path):
 
 
 def test_build_names_a_failed_compile_and_leaves_no_partial_library(tmp_path):
-    with pytest.raises(kernels.KernelUnavailable, match=r"compiling rowdot.cc, attention.cc failed"):
+    with pytest.raises(kernels.KernelUnavailable, match=r"compiling rowdot.cc, attention.cc, norm.cc failed"):
         kernels.build(tmp_path, cxx="false")  # runs, prints nothing, exits 1
     assert not list(tmp_path.iterdir())
 
@@ -345,3 +345,44 @@ def test_norm_layer_uses_the_kernel_on_one_device_and_names_bad_operands(monkeyp
         kn.cpu_norm(x, jnp.ones(16), jnp.zeros(16), eps=1e-6, rms=True)
     with pytest.raises(ValueError, match=r"scale and bias \[D\]"):
         kn.cpu_norm(x, jnp.ones(15), None, eps=1e-6)
+
+
+_AVX2_ATTENTION = """
+import json, sys
+import numpy as np, jax, jax.numpy as jnp
+sys.path.insert(0, {tests!r})
+from test_kernels import _attention_case
+from mmjax import kernels
+from mmjax.kernels.attention import cpu_attention
+errs = []
+for case in [(2, 65, 65, 4, 4, 32, None), (3, 19, 29, 4, 2, 20, "causal+padding")]:
+    q, k, v, mask = _attention_case(*case)
+    g = case[3] // case[4]
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, jnp.repeat(k, g, 2), jnp.repeat(v, g, 2), mask=mask)
+    ours = lambda q, k, v: cpu_attention(q, k, v, mask)
+    w = np.ones((case[0], case[1], case[3], case[5]), np.float32)
+    grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+    errs.append(float(jnp.abs(ours(q, k, v) - ref(q, k, v)).max()))
+    errs += [float(jnp.abs(a - b).max()) for a, b in zip(grad(ours), grad(ref))]
+print(json.dumps({{"flags": kernels.build_flags(), "errs": errs}}))
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512f" not in kernels.cpu_flags(), reason="this CPU has no AVX-512: the suite tests the AVX2 "
+                    "blocks already")
+def test_cpu_attention_avx2_blocks_on_an_avx512_machine(tmp_path):
+    """On a CPU with AVX-512 the suite runs the zmm register blocks; MMJAX_CPU_AVX512=0 builds the ymm
+    ones (what an AVX2-only CPU runs), checked here in a fresh process against XLA's attention."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "MMJAX_CACHE_DIR": str(tmp_path / "cache"), kernels.AVX512_SWITCH: "0"}
+    code = _AVX2_ATTENTION.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "-mavx512f" not in res["flags"] and max(res["errs"]) < 1e-4, res

@@ -57,6 +57,7 @@ TARGETS = {TARGET: "MmjaxRowDot", ATTENTION_FWD: "MmjaxAttentionFwd", ATTENTION_
            NORM_FWD: "MmjaxNormFwd", NORM_BWD: "MmjaxNormBwd"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 ENV_SWITCH = "MMJAX_CPU_KERNELS"
+AVX512_SWITCH = "MMJAX_CPU_AVX512"
 
 _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("mmjax_cpu_kernels_allowed", default=True)
 
@@ -84,17 +85,29 @@ def cache_dir() -> Path:
     return Path(base) / "mmjax"
 
 
-def cpu_has_avx2_fma(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this x86-64 CPU has AVX2 and FMA (read from /proc/cpuinfo's flags)."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return False
+        return set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return {"avx2", "fma"} <= flags
-    return False
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_avx2_fma(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86-64 CPU has AVX2 and FMA (read from /proc/cpuinfo's flags)."""
+    return {"avx2", "fma"} <= cpu_flags(cpuinfo)
+
+
+def build_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """FLAGS, plus -mavx512f where the CPU has AVX-512F: the attention kernel's register blocks are then
+    zmm-wide (attention.cc); MMJAX_CPU_AVX512=0 builds the AVX2 blocks anyway. The flags are part of the
+    library's cache key, so a machine without AVX-512 never loads a build that uses it."""
+    avx512 = "avx512f" in cpu_flags(cpuinfo) and os.environ.get(AVX512_SWITCH, "1") != "0"
+    return FLAGS + (("-mavx512f",) if avx512 else ())
 
 
 def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
@@ -108,7 +121,8 @@ def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C++ compiler {exe} does not run: {e}") from e
-    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(FLAGS).encode(),
+    flags = build_flags()
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(flags).encode(),
                                      version.encode(), jaxlib.__version__.encode()])).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
     lib = out_dir / f"mmjax_cpu-{key}.so"
@@ -119,7 +133,7 @@ def build(out_dir: Path | None = None, cxx: str | None = None) -> Path:
     # the last rename wins with identical bytes; a reader never sees a half-written library.
     fd, tmp = tempfile.mkstemp(prefix=".mmjax_cpu-", suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [exe, *FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
+    cmd = [exe, *flags, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:

@@ -17,16 +17,17 @@
 // [B, H, T, S] arrays; here each (b, h) (each (b, kv head) in the backward) is one task whose [T, S]
 // block stays in the core's cache, and q, k, v, o are read in place with strides (no transposes).
 //
-// The matrix products use one register-blocked kernel: C[MR, 16] (+)= A[MR, K] · Bp[K, 16] with A read
-// through any (row, column) strides as broadcast scalars and B packed into 16-wide panels, MR ≤ 6:
-// per k, 2 panel loads and MR broadcasts feed 2·MR FMAs in 12 ymm accumulators (the BLIS Haswell
-// shape). The six products of the forward and backward are this kernel with different strides
-// and packings.
+// The matrix products use one register-blocked kernel: C[MR, NR] (+)= A[MR, K] · Bp[K, NR] with A read
+// through any (row, column) strides as broadcast scalars and B packed into panels two vectors wide:
+// per k, 2 panel loads and MR broadcasts feed 2·MR FMAs (AVX2: NR = 16, MR ≤ 6, 12 ymm accumulators,
+// the BLIS Haswell shape; AVX-512: NR = 32, MR ≤ 12, 24 zmm). The six products of the forward and
+// backward are this kernel with different strides and packings.
 //
 // Threads: the tasks are spread over XLA's intra-op pool (mmjax::parallel_for in common.h); each thread
 // keeps its scratch (the [T, S] block, packed panels) from call to call.
 //
-// Built by mmjax/kernels/__init__.py with -mavx2 -mfma; used only where the CPU has both.
+// Built by mmjax/kernels/__init__.py with -mavx2 -mfma (and -mavx512f where the CPU has it); used only
+// where the CPU has AVX2 and FMA.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -46,8 +47,30 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kNR = 16;  // panel width: two ymm
-constexpr int kMR = 6;   // rows per register block
+// The products' register blocks: two vectors wide. With AVX-512 (built with -mavx512f where the CPU has
+// it) zmm, 32 columns and up to 12 rows (24 accumulators of 32 registers); else ymm, 16 and 6 (12 of 16).
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+constexpr int kMR = 12;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#else
+using Vec = __m256;
+constexpr int kLanes = 8;
+constexpr int kMR = 6;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#endif
+constexpr int kNR = 2 * kLanes;  // panel width
 constexpr float kMasked = -0.7f * FLT_MAX;  // jax.nn.dot_product_attention's large negative number
 
 // exp(x) for 8 lanes: x = n·ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 polynomial (Cephes' expf
@@ -86,40 +109,50 @@ inline __m256 mask8(const uint8_t* m) {
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, _mm256_setzero_si256()));
 }
 
-// C[i, j] (+)= Σ_k A[i·rs + k·cs] · Bp[k·16 + j] for i < MR, j < n (n ≤ 16; C row stride ldc).
+// C[i, j] (+)= Σ_k A[i·rs + k·cs] · Bp[k·kNR + j] for i < MR, j < n (n ≤ kNR; C row stride ldc).
 template <int MR>
 inline void block(int64_t K, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C, int64_t ldc,
                   int n, bool accumulate) {
-  __m256 c0[MR], c1[MR];
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  Vec c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vzero();
   const float* a = A;
   for (int64_t k = 0; k < K; ++k, a += cs, Bp += kNR) {
-    const __m256 b0 = _mm256_load_ps(Bp), b1 = _mm256_load_ps(Bp + 8);
+    const Vec b0 = vload(Bp), b1 = vload(Bp + kLanes);
     for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i * rs);
-      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
+      const Vec ai = vbroadcast(a + i * rs);
+      c0[i] = vfma(ai, b0, c0[i]);
+      c1[i] = vfma(ai, b1, c1[i]);
     }
   }
   for (int i = 0; i < MR; ++i) {
     float* c = C + i * ldc;
     if (n == kNR) {
       if (accumulate) {
-        c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(c));
-        c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(c + 8));
+        c0[i] = vadd(c0[i], vload(c));
+        c1[i] = vadd(c1[i], vload(c + kLanes));
       }
-      _mm256_storeu_ps(c, c0[i]);
-      _mm256_storeu_ps(c + 8, c1[i]);
+      vstore(c, c0[i]);
+      vstore(c + kLanes, c1[i]);
     } else {
-      alignas(32) float t[kNR];
-      _mm256_store_ps(t, c0[i]);
-      _mm256_store_ps(t + 8, c1[i]);
+      float t[kNR];
+      vstore(t, c0[i]);
+      vstore(t + kLanes, c1[i]);
       for (int j = 0; j < n; ++j) c[j] = accumulate ? c[j] + t[j] : t[j];
     }
   }
 }
 
-// B operand of a product, packed: ceil(N / 16) panels of [K, 16] (zero-padded columns).
+// block<rows> for the last rows < kMR of a product.
+template <int MR>
+inline void block_tail(int rows, int64_t K, const float* A, int64_t rs, int64_t cs, const float* Bp, float* C,
+                       int64_t ldc, int n, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return block<MR>(K, A, rs, cs, Bp, C, ldc, n, accumulate);
+    block_tail<MR - 1>(rows, K, A, rs, cs, Bp, C, ldc, n, accumulate);
+  }
+}
+
+// B operand of a product, packed: ceil(N / kNR) panels of [K, kNR] (zero-padded columns), 64-byte aligned.
 struct Packed {
   std::vector<float, std::allocator<float>> storage;
   float* data = nullptr;
@@ -128,10 +161,9 @@ struct Packed {
   float* reserve(int64_t k, int64_t n) {
     K = k;
     N = n;
-    const size_t need = static_cast<size_t>((n + kNR - 1) / kNR) * k * kNR + 8;
+    const size_t need = static_cast<size_t>((n + kNR - 1) / kNR) * k * kNR + 16;
     if (storage.size() < need) storage.resize(need);
-    // 32-byte aligned panels for _mm256_load_ps.
-    data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 31) & ~uintptr_t{31});
+    data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
     return data;
   }
   const float* panel(int64_t j) const { return data + (j / kNR) * K * kNR; }
@@ -143,13 +175,8 @@ void pack_rows(Packed& p, const float* src, int64_t ld, int64_t K, int64_t N) {
   for (int64_t j0 = 0; j0 < N; j0 += kNR) {
     const int64_t n = std::min<int64_t>(kNR, N - j0);
     for (int64_t k = 0; k < K; ++k, d += kNR) {
-      const float* s = src + k * ld + j0;
-      if (n == kNR) {
-        _mm256_store_ps(d, _mm256_loadu_ps(s));
-        _mm256_store_ps(d + 8, _mm256_loadu_ps(s + 8));
-      } else {
-        for (int64_t j = 0; j < kNR; ++j) d[j] = j < n ? s[j] : 0.0f;
-      }
+      std::memcpy(d, src + k * ld + j0, sizeof(float) * n);
+      std::memset(d + n, 0, sizeof(float) * (kNR - n));
     }
   }
 }
@@ -173,16 +200,8 @@ void gemm(int64_t M, const float* A, int64_t rs, int64_t cs, const Packed& B, fl
     const int n = static_cast<int>(std::min<int64_t>(kNR, N - j0));
     int64_t i = 0;
     for (; i + kMR <= M; i += kMR) block<kMR>(K, A + i * rs, rs, cs, bp, C + i * ldc + j0, ldc, n, accumulate);
-    const float* a = A + i * rs;
-    float* c = C + i * ldc + j0;
-    switch (M - i) {
-      case 1: block<1>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
-      case 2: block<2>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
-      case 3: block<3>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
-      case 4: block<4>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
-      case 5: block<5>(K, a, rs, cs, bp, c, ldc, n, accumulate); break;
-      default: break;
-    }
+    if (i < M)
+      block_tail<kMR - 1>(static_cast<int>(M - i), K, A + i * rs, rs, cs, bp, C + i * ldc + j0, ldc, n, accumulate);
   }
 }
 
