@@ -320,12 +320,12 @@ def test_cpu_norm_matches_the_equation_values_and_gradients(shape, rms, bias):
 
 
 @needs_kernel
-def test_norm_layer_uses_the_kernel_on_one_device_and_names_bad_operands(monkeypatch):
+def test_norm_layer_uses_the_kernel_for_many_rows_and_names_bad_operands(monkeypatch):
     from mmjax.kernels import norm as kn
     from mmjax.layers.norms import Norm
-    x = jax.random.normal(jax.random.key(0), (3, 5, 16))
+    x = jax.random.normal(jax.random.key(0), (4, 20, 16))
 
-    def run(layer, dtype=jnp.float32):
+    def run(layer, dtype=jnp.float32, x=x):
         p = layer.init(jax.random.key(1), x.astype(dtype))
         f = jax.jit(lambda p, x: layer.apply(p, x))
         return f(p, x.astype(dtype)), f.lower(p, x.astype(dtype)).as_text()
@@ -341,6 +341,8 @@ def test_norm_layer_uses_the_kernel_on_one_device_and_names_bad_operands(monkeyp
     # bf16 activations: Norm takes its statistics in fp32 anyway, so the kernel serves them too.
     out16, text16 = run(Norm("layernorm", dtype=jnp.bfloat16), jnp.bfloat16)
     assert kernels.NORM_FWD in text16 and out16.dtype == jnp.bfloat16
+    # A decode step's few rows stay with XLA (kn.MIN_ROWS).
+    assert kernels.NORM_FWD not in run(Norm("rmsnorm"), x=x[:, :1])[1]
     with pytest.raises(ValueError, match="RMSNorm has no bias"):
         kn.cpu_norm(x, jnp.ones(16), jnp.zeros(16), eps=1e-6, rms=True)
     with pytest.raises(ValueError, match=r"scale and bias \[D\]"):
