@@ -12,16 +12,24 @@ weight once and reaches 11–13 GB/s on a chain of a decoder's matmuls (width 51
 handler, so it runs inside the jitted decode loop like any other op. Only
 `mmjax.layers.linear.weight_major_dot` uses it, for the decode path.
 
-Why built here and not at install. mmjax stays a pure-Python package (TPU and GPU users never need
-the kernel). The first call compiles `rowdot.cc` with the machine's C++ compiler (`$CXX`, else
-`c++`; about 6 s) against the FFI headers that jaxlib ships, into a cache directory
-(`$MMJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/mmjax`, else `~/.cache/mmjax`), under a name that hashes
-the source, the flags, the compiler's version and jaxlib's version; later processes load it from
-there. Without a compiler, off x86-64, or on a CPU without AVX2 and FMA, the kernel is unavailable:
-one warning says why and XLA's dot is used, with the same results to rounding.
+Why kernels for training too. On the CPU, XLA ran attention as batched dots with the softmax, the
+transposes to head-major order and the backward's elementwise terms as separate passes over
+[B, H, T, S] arrays, and LayerNorm's backward as several fusions over [rows, D] arrays; PyTorch's
+fused CPU attention and LayerNorm were faster on both machines measured (see attention.cc and
+norm.cc, and the README's Running on CPU).
 
-Switches: `ROWDOT` (None: use the kernel where it is available; False: never) and the environment
-variable MMJAX_CPU_KERNELS=0 (never, for the whole process).
+Why built here and not at install. mmjax stays a pure-Python package (TPU and GPU users never need
+the kernels). The first call compiles the .cc files into one library with the machine's C++ compiler
+(`$CXX`, else `c++`; about 10 s) against the FFI headers that jaxlib ships, into a cache directory
+(`$MMJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/mmjax`, else `~/.cache/mmjax`), under a name that hashes
+the sources, the flags (`build_flags`: -mavx512f where the CPU has it), the compiler's version and
+jaxlib's version; later processes load it from there. Without a compiler, off x86-64, or on a CPU
+without AVX2 and FMA, the kernels are unavailable: one warning says why and XLA's ops are used, with
+the same results to rounding.
+
+Switches: `ROWDOT`, `attention.ENABLED`, `norm.ENABLED` (None: use the kernel where it is available;
+False: never), the environment variable MMJAX_CPU_KERNELS=0 (none of them, for the whole process) and
+MMJAX_CPU_AVX512=0 (the AVX2 code on an AVX-512 CPU).
 """
 
 from __future__ import annotations

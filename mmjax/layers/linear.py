@@ -13,7 +13,11 @@ Tiny CLIP train step (2-core AMD EPYC): the copies' thread time 255 → 135 ms p
 axes are flattened too ([rows, out] for features (H, Dh)) and the bias is added to that 2D product, so
 db is a column sum: added to [B, T, H, Dh], db reduced two axes of a 4D array, which XLA:CPU turned
 into 4D reduce-windows at under 1 GB/s (2-core Intel Xeon with AVX-512, tiny CLIP step: 101 ms of
-1.27 s thread time; step 0.93–1.0 → 0.81–0.85 s, with the transposes that went away with it). Only on the
+1.27 s thread time; step 0.93–1.0 → 0.81–0.85 s, with the transposes that went away with it). The 2D
+product is `rows_dot`, whose backward multiplies dy by a materialised copy of Wᵀ: XLA:CPU's dot ran
+dy · Wᵀ read through W at about half the speed of x · W (fc1's dx [8320, 512] · [512, 128]: 61
+against 130 GFLOP/s). Self-attention's q, k, v are one such product by the three kernels side by side
+(`fused_projection`). Only on the
 CPU backend (FLATTEN_ROWS): elsewhere, merging a batch axis with a sequence axis that is sharded
 too would force a resharding.
 
@@ -84,7 +88,7 @@ def weight_major_dot(w_t: jax.Array, x: jax.Array, out_rank: int) -> jax.Array:
 @jax.custom_vjp
 def rows_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [rows, in] · w [in, out], whose backward multiplies dy by a materialised copy of wᵀ (module
-    docstring: XLA:CPU's dot runs dy · wᵀ read through w about half as fast)."""
+    docstring: XLA:CPU's dot ran dy · wᵀ read through w at about half the speed)."""
     return jnp.dot(x, w)
 
 
@@ -152,17 +156,13 @@ class DenseGeneral(nn.Module):
         """x [..., in...] → [..., out...]; with params_only, declares the params for an input like x and
         returns (kernel, bias or None) in the compute dtype without multiplying (`fused_projection`)."""
         features = _as_tuple(self.features)
-        if params_only:
-            init = self.kernel_init or default_kernel_init(self.in_rank, len(features))
-            shape = x.shape[x.ndim - self.in_rank:] + features
-            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), shape,
-                                self.param_dtype)
-            return kernel.astype(self.dtype), self._bias(features) if self.use_bias else None
         in_shape = x.shape[x.ndim - self.in_rank:]
         shape = in_shape + features
         if len(self.kernel_axes) != len(shape):
             raise ValueError(
                 f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel shape {shape}")
+        if params_only:
+            return self._kernel(shape, features).astype(self.dtype), self._bias(features) if self.use_bias else None
         out_first = tuple(range(self.in_rank, len(shape))) + tuple(range(self.in_rank))
         x = x.astype(self.dtype)
         if self.has_variable(DECODE, "kernel_t"):
@@ -172,9 +172,7 @@ class DenseGeneral(nn.Module):
                 raise ValueError(f"{self.name}: decode kernel_t has shape {kernel_t.shape}, expected {want}")
             y = weight_major_dot(kernel_t.astype(self.dtype), x, len(features))
         else:
-            init = self.kernel_init or default_kernel_init(self.in_rank, len(features))
-            kernel = self.param(
-                "kernel", nn.with_logical_partitioning(init, self.kernel_axes), shape, self.param_dtype)
+            kernel = self._kernel(shape, features)
             if self.is_mutable_collection(DECODE) and not self.is_initializing():
                 self.variable(DECODE, "kernel_t", lambda: jnp.transpose(kernel, out_first))
             kernel = kernel.astype(self.dtype)
@@ -191,6 +189,10 @@ class DenseGeneral(nn.Module):
         if self.use_bias:
             y = y + self._bias(features)
         return y
+
+    def _kernel(self, shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array:
+        init = self.kernel_init or default_kernel_init(self.in_rank, len(features))
+        return self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), shape, self.param_dtype)
 
     def _bias(self, features: tuple[int, ...]) -> jax.Array:
         bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[self.in_rank:]),

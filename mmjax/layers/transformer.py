@@ -143,7 +143,8 @@ def cpu_barriers_on() -> bool:
     tiny 603 → 591 and 788 → 744 ms, S/16 4.13 → 3.98 s."""
     if FUSION_BARRIERS is not None:
         return bool(FUSION_BARRIERS)
-    return jax.default_backend() == "cpu" and not cpu_norm.use_cpu_norm(jax.ShapeDtypeStruct((cpu_norm.MIN_ROWS, 1), jnp.float32))
+    norm_kernel = cpu_norm.use_cpu_norm(jax.ShapeDtypeStruct((cpu_norm.MIN_ROWS, 1), jnp.float32))
+    return jax.default_backend() == "cpu" and not norm_kernel
 
 
 class Block(nn.Module):
