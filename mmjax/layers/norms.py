@@ -17,7 +17,7 @@ class Norm(nn.Module):
     """LayerNorm: (x - mean) / sqrt(var + eps) * scale + bias.  RMSNorm: x / sqrt(mean(x²) + eps) * scale.
 
     Statistics are taken in float32 (bf16 variance is too coarse), the result is cast back to `dtype`.
-    On the CPU backend (fp32 params, one device) mmjax's native kernel computes it (`mmjax.kernels.norm`).
+    On the CPU backend (one device, at least 64 rows) mmjax's native kernel computes it (`mmjax.kernels.norm`).
     """
 
     kind: NormKind = "layernorm"
