@@ -285,6 +285,155 @@ def test_attention_layer_uses_the_kernel_on_one_cpu_device_only(monkeypatch):
             assert "mmjax_attention" not in compiled(Attention(num_heads=4))[1]
 
 
+# --- attention over a head-major KV cache (attention.cc: mmjax_cache_attention) ----------------------
+
+def _cache_case(b, t, h, hkv, s, dh, mask_kind, seed=0):
+    """q [B, T, H, Dh], a head-major cache k, v [B, Hkv, S, Dh] and a mask [B, 1 or H, T, S]."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, dh), np.float32)
+    k = rng.standard_normal((b, hkv, s, dh), np.float32)
+    v = rng.standard_normal((b, hkv, s, dh), np.float32)
+    mask = None
+    if mask_kind == "decode":  # left-padded prompts, the cache filled up to the chunk's last token
+        pad = rng.integers(0, 4, b)
+        pos = s - 5 - t + np.arange(t)  # the last 5 slots are not written yet
+        slots = np.arange(s)
+        mask = ((slots[None, None] <= pos[None, :, None]) & (slots[None, None] >= pad[:, None, None]))[:, None]
+    elif mask_kind == "empty_rows":  # some rows see no slot at all
+        mask = rng.random((b, 1, t, s)) < 0.3
+        mask[0, 0, 0] = False
+    elif mask_kind == "per_head":
+        mask = rng.random((b, h, t, s)) < 0.5
+    return q, k, v, mask
+
+
+def _cache_reference(q, k, v, mask):
+    """The softmax over all S slots in float64, from the equation; a row that sees no slot gets uniform
+    weights (jax.nn.dot_product_attention's finite masking)."""
+    b, t, h, dh = q.shape
+    g = h // k.shape[1]
+    k64, v64 = np.repeat(k, g, axis=1).astype(np.float64), np.repeat(v, g, axis=1).astype(np.float64)
+    logits = np.einsum("bthd,bhsd->bhts", q.astype(np.float64), k64) / np.sqrt(dh)
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+        logits = np.where(mask.any(-1, keepdims=True), logits, 0.0)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bthd", p, v64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,h,hkv,s,dh,mask_kind", [
+    (8, 1, 8, 8, 144, 64, "decode"),     # a batch-8 decoding step of the bench's model
+    (2, 16, 8, 2, 40, 64, "decode"),     # a GQA prefill chunk (T·G = 64 rows per task)
+    (3, 1, 4, 1, 13, 12, None),          # MQA, no mask, S and Dh off the 8-slot / 8-lane grid
+    (2, 3, 6, 3, 21, 20, "empty_rows"),  # rows that see nothing: the mean of V
+    (2, 2, 4, 2, 19, 16, "per_head"),
+    (1, 1, 1, 1, 1, 1, None),
+])
+def test_cache_attention_matches_float64_and_grouped_attention(b, t, h, hkv, s, dh, mask_kind):
+    from mmjax.kernels.attention import cache_attention
+    from mmjax.layers.attention import grouped_attention
+    q, k, v, mask = _cache_case(b, t, h, hkv, s, dh, mask_kind)
+    out = jax.jit(cache_attention)(q, k, v, mask)
+    np.testing.assert_allclose(out, _cache_reference(q, k, v, mask), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(out, jax.jit(grouped_attention)(q, k, v, mask), rtol=1e-5, atol=2e-6)
+    # Gradients, should anything differentiate through it, are those of grouped_attention.
+    w = np.random.default_rng(1).standard_normal(q.shape, np.float32)
+    grads = [jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2)))(q, k, v)
+             for f in (cache_attention, grouped_attention)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_cache_attention_reads_only_the_slots_its_queries_may_see():
+    """Slots outside [first, last] visible slot are never read: NaN there (a cache not written yet)
+    leaves the output finite and equal to the attention over the visible slots alone, where a
+    product with zero weights (XLA's path) would give NaN."""
+    from mmjax.kernels.attention import cache_attention
+    q, k, v, _ = _cache_case(4, 1, 4, 2, 32, 16, None, seed=5)
+    lo, hi = np.array([0, 3, 5, 1]), np.array([20, 12, 6, 32])
+    slots = np.arange(32)
+    mask = ((slots >= lo[:, None]) & (slots < hi[:, None]))[:, None, None, :]
+    kn, vn = k.copy(), v.copy()
+    for i in range(4):
+        kn[i, :, hi[i]:], vn[i, :, hi[i]:] = np.nan, np.nan
+        kn[i, :, :lo[i]], vn[i, :, :lo[i]] = np.nan, np.nan
+    out = np.asarray(jax.jit(cache_attention)(q, kn, vn, mask))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, _cache_reference(q, k, v, mask), rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_cache_attention_names_bad_operands():
+    from mmjax.kernels.attention import cache_attention
+    q, k, v, mask = _cache_case(2, 1, 4, 2, 9, 8, "decode")
+    with pytest.raises(ValueError, match=r"k, v \[B, Hkv, S, Dh\]"):
+        cache_attention(q, k[:, :, :, :4], v, mask)
+    with pytest.raises(ValueError, match="cannot be grouped"):
+        cache_attention(q[:, :, :3], k, v, mask)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cache_attention(q, k, v, np.ones((2, 1, 1, 8), bool))
+    with pytest.raises(TypeError, match="fp32 only"):
+        cache_attention(q, k.astype(jnp.bfloat16), v, mask)
+
+
+@needs_kernel
+def test_attention_layer_uses_the_cache_kernel_when_decoding(monkeypatch):
+    """With a KV cache, Attention mixes with the cache kernel on one CPU device in fp32, with the values
+    of implementation="xla" (grouped_attention), at prefill and at a decoding step."""
+    from mmjax.kernels import attention as ka
+    from mmjax.layers.attention import Attention
+    from mmjax.layers.masks import make_attention_mask
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+    cache = {"k": jnp.zeros((2, 2, 8, 8)), "v": jnp.zeros((2, 2, 8, 8))}
+
+    def steps(layer):
+        params = layer.init(jax.random.key(1), x)
+
+        @jax.jit
+        def run(params, x, cache):
+            out1, cache = layer.apply(params, x[:, :5], cache=cache, cache_index=0)
+            mask = make_attention_mask(1, 8, causal=True, q_offset=5)
+            out2, cache = layer.apply(params, x[:, 5:], cache=cache, cache_index=5, mask=mask)
+            return out1, out2
+        return run(params, x, cache), run.lower(params, x, cache).as_text()
+
+    (a1, a2), text = steps(Attention(num_heads=4, num_kv_heads=2, rope_base=10_000.0))
+    assert text.count(kernels.CACHE_ATTENTION) == 2
+    (b1, b2), ref_text = steps(Attention(num_heads=4, num_kv_heads=2, rope_base=10_000.0, implementation="xla"))
+    assert kernels.CACHE_ATTENTION not in ref_text
+    np.testing.assert_allclose(a1, b1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a2, b2, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(ka, "ENABLED", False)
+    assert kernels.CACHE_ATTENTION not in steps(Attention(num_heads=4, num_kv_heads=2))[1]
+
+
+# --- transposes for the decode path's output-major kernels (rowdot.cc: mmjax_transpose) -------------
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(1, 1), (3, 5), (8, 8), (9, 17), (33, 40), (64, 8), (100, 7), (512, 1376)])
+def test_transpose_matches_numpy(k, n):
+    x = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.transpose)(x)), x.T)
+
+
+@needs_kernel
+def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu(monkeypatch):
+    from mmjax.layers.linear import output_major
+    w = np.random.default_rng(1).standard_normal((6, 4, 5)).astype(np.float32)  # [in..., out...], in_rank 1
+    for in_rank in (1, 2):
+        want = np.transpose(w, tuple(range(in_rank, 3)) + tuple(range(in_rank)))
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda w: output_major(w, in_rank))(w)), want)
+    hlo = lambda w: jax.jit(lambda w: output_major(w, 1)).lower(w).as_text()
+    assert kernels.TRANSPOSE in hlo(w)
+    assert kernels.TRANSPOSE not in hlo(jnp.asarray(w, jnp.bfloat16))
+    monkeypatch.setattr(kernels, "ROWDOT", False)
+    assert kernels.TRANSPOSE not in hlo(w)
+
+
 # --- LayerNorm / RMSNorm (norm.cc, mmjax.kernels.norm) ---------------------------------------------
 
 @needs_kernel

@@ -1,4 +1,6 @@
-"""Native CPU kernels, built on first use: a small-rows matmul for decoding (`rowdot`), and for training
+"""Native CPU kernels, built on first use: for decoding a small-rows matmul (`rowdot`), the transpose that
+makes its output-major weights (`transpose`) and attention over the KV cache
+(`mmjax.kernels.attention.cache_attention`); for training
 softmax attention (`mmjax.kernels.attention`, used by `mmjax.layers.attention`) and LayerNorm/RMSNorm
 (`mmjax.kernels.norm`, used by `mmjax.layers.norms`); each .cc file says what it computes and why.
 
@@ -57,12 +59,14 @@ ROWDOT: bool | None = None
 ROWDOT_MAX_ROWS = 64
 TARGET = "mmjax_rowdot"
 ATTENTION_FWD, ATTENTION_BWD = "mmjax_attention_fwd", "mmjax_attention_bwd"
+CACHE_ATTENTION = "mmjax_cache_attention"
+TRANSPOSE = "mmjax_transpose"
 NORM_FWD, NORM_BWD = "mmjax_norm_fwd", "mmjax_norm_bwd"
 # The sources build into one library: one compile, one cache entry, one reason when unavailable.
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("rowdot.cc", "attention.cc", "norm.cc"))
 HEADERS = (Path(__file__).with_name("common.h"),)
 TARGETS = {TARGET: "MmjaxRowDot", ATTENTION_FWD: "MmjaxAttentionFwd", ATTENTION_BWD: "MmjaxAttentionBwd",
-           NORM_FWD: "MmjaxNormFwd", NORM_BWD: "MmjaxNormBwd"}
+           CACHE_ATTENTION: "MmjaxCacheAttention", TRANSPOSE: "MmjaxTranspose", NORM_FWD: "MmjaxNormFwd", NORM_BWD: "MmjaxNormBwd"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 ENV_SWITCH = "MMJAX_CPU_KERNELS"
 AVX512_SWITCH = "MMJAX_CPU_AVX512"
@@ -196,11 +200,17 @@ def rowdot_unavailable_reason() -> str | None:
 
 def use_rowdot(w_t: jax.Array, rows: int) -> bool:
     """Whether `weight_major_dot` should multiply `rows` rows by w_t with the kernel (at trace time)."""
-    if ROWDOT is False or not _ALLOWED.get() or not 1 <= rows <= ROWDOT_MAX_ROWS:
+    return 1 <= rows <= ROWDOT_MAX_ROWS and use_transpose(w_t)
+
+
+def use_transpose(w: jax.Array) -> bool:
+    """Whether the decode path's kernels (rowdot, transpose) may take the fp32 weight w, at trace time:
+    ROWDOT not False, not switched off, the CPU backend, and the library available (else one warning)."""
+    if ROWDOT is False or not _ALLOWED.get():
         return False
     if os.environ.get(ENV_SWITCH, "1") == "0":  # switched off by the user: no warning
         return False
-    if w_t.dtype != jnp.float32 or jax.default_backend() != "cpu":
+    if w.dtype != jnp.float32 or jax.default_backend() != "cpu":
         return False
     reason = _load()
     if reason is not None:
@@ -249,3 +259,15 @@ def rowdot(w_t: jax.Array, x: jax.Array) -> jax.Array:
         raise TypeError(f"rowdot: fp32 only, got {w_t.dtype} and {x.dtype}")
     out = jax.ShapeDtypeStruct((x.shape[0], w_t.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(w_t, x)
+
+
+def transpose(x: jax.Array) -> jax.Array:
+    """xᵀ [N, K] of x [K, N] in fp32 with the native kernel (raises KernelUnavailable): the output-major
+    kernel copies of the decode path, about 3× XLA:CPU's transpose (rowdot.cc)."""
+    reason = _load()
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    if x.ndim != 2 or x.dtype != jnp.float32:
+        raise ValueError(f"transpose: expects an fp32 matrix [K, N], got {x.dtype} {x.shape}")
+    out = jax.ShapeDtypeStruct((x.shape[1], x.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TRANSPOSE, out, vmap_method="sequential")(x)

@@ -407,6 +407,158 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------------------
+// mmjax_cache_attention: the same softmax attention (forward only) over a head-major KV cache,
+//
+//   q [B, T, H, Dh], k and v [B, Hkv, S, Dh], mask [Bm, Hm, T, S] or none → out [B, T, H, Dh],
+//
+// for generation: T is a decoding chunk (1 token, or a prompt at prefill) and S the cache's slots, of
+// which the causal mask hides those not written yet. Each (b, kv head) is one task; it reads only the
+// slots [lo, hi) between the first and the last one that any of its T·G query rows may see, so a
+// decoding step reads the filled part of the cache, not all S slots. Within [lo, hi) masked slots get
+// -0.7·FLT_MAX as in the forward above (their weight is exactly 0 beside any visible slot), so the result
+// is the softmax over all S. A row that may see no slot gets uniform weights over all S (the mean of V),
+// as jax.nn.dot_product_attention gives it. Slots are visited in blocks of 8: a block of K (8 rows of
+// Dh) meets each query row in 8 accumulators summed across lanes at the end, and the block of V is
+// added into each row's output, while both stay in L1.
+// ------------------------------------------------------------------------------------------------
+
+struct CacheScratch {
+  std::vector<float> logits;
+  std::vector<char> live;
+};
+
+constexpr int kSlotBlock = 8;
+
+constexpr int kPrefetchSlots = 16;  // how far ahead of the logits loop K is fetched
+
+// Prefetches the cache lines of 8 slots (8 rows of Dh floats from p), none at or beyond end.
+template <int Hint>
+inline void prefetch_block_hint(const float* p, const float* end, int64_t Dh) {
+  const char* a = reinterpret_cast<const char*>(p);
+  const char* z = reinterpret_cast<const char*>(std::min(p + kSlotBlock * Dh, end));
+  for (; a < z; a += 64) _mm_prefetch(a, static_cast<_mm_hint>(Hint));
+}
+#define prefetch_block(p, end, Dh, hint) prefetch_block_hint<hint>(p, end, Dh)
+
+// L[i] = q · k_{s+i}, i < 8, for 8 consecutive cache rows (stride Dh).
+inline void logits8(const float* q, const float* k, int64_t Dh, float* L) {
+  __m256 a[kSlotBlock];
+  for (int i = 0; i < kSlotBlock; ++i) a[i] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 8 <= Dh; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+    for (int i = 0; i < kSlotBlock; ++i) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(k + i * Dh + e), qv, a[i]);
+  }
+  _mm256_storeu_ps(L, mmjax::lane_sums(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+  for (; e < Dh; ++e)
+    for (int i = 0; i < kSlotBlock; ++i) L[i] += q[e] * k[i * Dh + e];
+}
+
+// o[:] += Σ_{i<n} p[i] · v_{s+i}[:] for n ≤ 8 consecutive cache rows (stride Dh).
+inline void accumulate_rows(float* o, const float* p, const float* v, int n, int64_t Dh) {
+  int64_t e = 0;
+  for (; e + 8 <= Dh; e += 8) {
+    __m256 acc = _mm256_loadu_ps(o + e);
+    for (int i = 0; i < n; ++i) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i), _mm256_loadu_ps(v + i * Dh + e), acc);
+    _mm256_storeu_ps(o + e, acc);
+  }
+  for (; e < Dh; ++e)
+    for (int i = 0; i < n; ++i) o[e] += p[i] * v[i * Dh + e];
+}
+
+ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                          float scale, bool has_mask) {
+  const auto qs = q.dimensions(), ks = k.dimensions(), vs = v.dimensions();
+  if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4 || ks[0] != qs[0] || ks[3] != qs[3] || ks[1] == 0 ||
+      qs[2] % ks[1] != 0 || vs[0] != ks[0] || vs[1] != ks[1] || vs[2] != ks[2] || vs[3] != ks[3])
+    return ffi::Error::InvalidArgument("mmjax_cache_attention: q [B, T, H, Dh] does not fit k, v [B, Hkv, S, Dh]");
+  Dims d;
+  d.B = qs[0];
+  d.T = qs[1];
+  d.H = qs[2];
+  d.Dh = qs[3];
+  d.Hkv = ks[1];
+  d.S = ks[2];
+  d.G = d.H / d.Hkv;
+  d.scale = scale;
+  d.has_mask = has_mask;
+  if (has_mask) {
+    const auto ms = mask.dimensions();
+    if (ms.size() != 4 || (ms[0] != 1 && ms[0] != d.B) || (ms[1] != 1 && ms[1] != d.H) || ms[2] != d.T ||
+        ms[3] != d.S)
+      return ffi::Error::InvalidArgument("mmjax_cache_attention: mask must be [1 or B, 1 or H, T, S]");
+    d.mask_h_stride = ms[1] == 1 ? 0 : 1;
+    d.mask_b_stride = ms[0] == 1 ? 0 : ms[1];
+  }
+  float* od = out->typed_data();
+  std::memset(od, 0, sizeof(float) * out->element_count());
+  if (d.B * d.H == 0 || d.T == 0 || d.S == 0) return ffi::Error::Success();
+  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
+  const uint8_t* md = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  mmjax::parallel_for(pool, d.B * d.Hkv, [&d, qd, kd, vd, md, od](int64_t task) {
+    thread_local CacheScratch w;
+    const int64_t b = task / d.Hkv, j = task % d.Hkv, R = d.T * d.G, Dh = d.Dh, S = d.S;
+    const float* kb = kd + task * S * Dh;  // slot s of this (b, kv head) at kb + s·Dh
+    const float* vb = vd + task * S * Dh;
+    // Row r = t·G + g is query head h = j·G + g of token t.
+    auto q_row = [&](int64_t r) { return qd + ((b * d.T + r / d.G) * d.H + j * d.G + r % d.G) * Dh; };
+    auto o_row = [&](int64_t r) { return od + ((b * d.T + r / d.G) * d.H + j * d.G + r % d.G) * Dh; };
+    auto m_row = [&](int64_t r) -> const uint8_t* {
+      const uint8_t* m = mask_block(d, md, b, j * d.G + r % d.G);
+      return m ? m + (r / d.G) * S : nullptr;
+    };
+    // The slots any row may see; a row that sees none gets uniform weights over all S slots.
+    if (w.live.size() < static_cast<size_t>(R)) w.live.resize(R);
+    int64_t lo = 0, hi = S;
+    if (d.has_mask) {
+      lo = S;
+      hi = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const uint8_t* m = m_row(r);
+        int64_t a = 0, z = S;
+        while (a < S && !m[a]) ++a;
+        while (z > a && !m[z - 1]) --z;
+        w.live[r] = a < z;
+        if (a < z) {
+          lo = std::min(lo, a);
+          hi = std::max(hi, z);
+          continue;
+        }
+        float* o = o_row(r);
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t e = 0; e < Dh; ++e) o[e] += vb[s * Dh + e];
+        for (int64_t e = 0; e < Dh; ++e) o[e] /= static_cast<float>(S);
+      }
+      if (lo >= hi) return;
+    } else {
+      std::fill(w.live.begin(), w.live.begin() + R, 1);
+    }
+    const int64_t n = hi - lo;
+    if (w.logits.size() < static_cast<size_t>(R * n)) w.logits.resize(R * n);
+    float* L = w.logits.data();  // [R, n]: logits, then weights, of slots lo..hi-1
+    // Logits, a block of 8 slots at a time against every row.
+    int64_t s = 0;
+    for (; s + kSlotBlock <= n; s += kSlotBlock) {
+      prefetch_block(kb + (lo + s + kPrefetchSlots) * Dh, kb + hi * Dh, Dh, _MM_HINT_T0);
+      prefetch_block(vb + (lo + s) * Dh, vb + hi * Dh, Dh, _MM_HINT_T1);
+      for (int64_t r = 0; r < R; ++r) logits8(q_row(r), kb + (lo + s) * Dh, Dh, L + r * n + s);
+    }
+    for (; s < n; ++s)
+      for (int64_t r = 0; r < R; ++r) L[r * n + s] = dot(q_row(r), kb + (lo + s) * Dh, Dh);
+    for (int64_t r = 0; r < R; ++r)
+      if (w.live[r]) softmax_row(L + r * n, d.has_mask ? m_row(r) + lo : nullptr, n, d.scale);
+    // out = P V over the same blocks.
+    for (s = 0; s < n; s += kSlotBlock) {
+      const int nb = static_cast<int>(std::min<int64_t>(kSlotBlock, n - s));
+      for (int64_t r = 0; r < R; ++r)
+        if (w.live[r]) accumulate_rows(o_row(r), L + r * n + s, vb + (lo + s) * Dh, nb, Dh);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxAttentionFwd, AttentionFwd,
@@ -434,6 +586,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxAttentionBwd, AttentionBwd,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("has_mask"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxCacheAttention, CacheAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<bool>("has_mask"));

@@ -100,6 +100,60 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return _attention(q, k, v, mask)
 
 
+@jax.custom_vjp
+def _cache_attention(q, k, v, mask):
+    b, t, h, dh = q.shape
+    m, has_mask = _mask_operand(mask, b, h, t, k.shape[2])
+    call = jax.ffi.ffi_call(kernels.CACHE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q, k, v, m, scale=np.float32(1.0 / np.sqrt(dh)), has_mask=has_mask)
+
+
+def _cache_attention_fwd(q, k, v, mask):
+    return _cache_attention(q, k, v, mask), (q, k, v, mask)
+
+
+def _cache_attention_bwd(res, dout):
+    # Decoding takes no gradients; should anything differentiate through a cached step, XLA's
+    # reference (which computes the same function) gives them.
+    from mmjax.layers.attention import grouped_attention
+    q, k, v, mask = res
+    _, vjp = jax.vjp(lambda q, k, v: grouped_attention(q, k, v, mask), q, k, v)
+    dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    return (*vjp(dout), dmask)
+
+
+_cache_attention.defvjp(_cache_attention_fwd, _cache_attention_bwd)
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention over a head-major KV cache with the native kernel: q [B, T, H, Dh], k, v
+    [B, Hkv, S, Dh], mask bool broadcastable to [B, H, T, S] → [B, T, H, Dh] fp32, the values of
+    `mmjax.layers.attention.grouped_attention`. Each (batch row, kv head) reads only the slots between
+    the first and the last one its queries may see (the filled part of a decoding cache)."""
+    reason = kernels.rowdot_unavailable_reason()
+    if reason is not None:
+        raise kernels.KernelUnavailable(reason)
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"cache_attention: q [B, T, H, Dh] and k, v [B, Hkv, S, Dh], got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if q.shape[2] % k.shape[1]:
+        raise ValueError(f"cache_attention: {q.shape[2]} query heads cannot be grouped over {k.shape[1]} kv heads")
+    if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
+        raise TypeError(f"cache_attention: fp32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None:
+        _mask_operand(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[2])
+    return _cache_attention(q, k, v, mask)
+
+
+def use_cache_attention(q: jax.Array, k: jax.Array) -> bool:
+    """Whether Attention should mix q [B, T, H, Dh] with a head-major cache k [B, Hkv, S, Dh] with the
+    kernel (at trace time): as `use_cpu_attention`, with no limit on S (nothing is kept)."""
+    if ENABLED is False or q.ndim != 4 or k.ndim != 4 or q.shape[2] % k.shape[1]:
+        return False
+    return kernels.training_kernel_usable(q, k, what="attention")
+
+
 def use_cpu_attention(q: jax.Array, k: jax.Array, *, dropout: bool = False) -> bool:
     """Whether Attention should mix q [B, T, H, Dh] and k [B, S, Hkv, Dh] with the kernel (at trace time)."""
     if ENABLED is False or dropout:

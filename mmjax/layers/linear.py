@@ -85,6 +85,15 @@ def weight_major_dot(w_t: jax.Array, x: jax.Array, out_rank: int) -> jax.Array:
     return jnp.transpose(y_t, tuple(range(out_rank, out_rank + rows)) + tuple(range(out_rank)))
 
 
+def output_major(kernel: jax.Array, in_rank: int) -> jax.Array:
+    """A kernel [in..., out...] as [out..., in...] (the decode path's copy): on the CPU, fp32, with
+    mmjax's transpose kernel (about 1.4× XLA's under huge pages, 1.7× without), else jnp.transpose."""
+    in_shape, out_shape = kernel.shape[:in_rank], kernel.shape[in_rank:]
+    if kernels.use_transpose(kernel):
+        return kernels.transpose(kernel.reshape(math.prod(in_shape), -1)).reshape(out_shape + in_shape)
+    return jnp.transpose(kernel, tuple(range(in_rank, kernel.ndim)) + tuple(range(in_rank)))
+
+
 @jax.custom_vjp
 def rows_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [rows, in] · w [in, out], whose backward multiplies dy by a materialised copy of wᵀ (module
@@ -174,7 +183,7 @@ class DenseGeneral(nn.Module):
         else:
             kernel = self._kernel(shape, features)
             if self.is_mutable_collection(DECODE) and not self.is_initializing():
-                self.variable(DECODE, "kernel_t", lambda: jnp.transpose(kernel, out_first))
+                self.variable(DECODE, "kernel_t", lambda: output_major(kernel, self.in_rank))
             kernel = kernel.astype(self.dtype)
             lead = x.shape[:x.ndim - self.in_rank]
             if flatten_rows_on():
