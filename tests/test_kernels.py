@@ -340,7 +340,7 @@ def test_cache_attention_matches_float64_and_grouped_attention(b, t, h, hkv, s, 
     np.testing.assert_allclose(out, jax.jit(grouped_attention)(q, k, v, mask), rtol=1e-5, atol=2e-6)
     # Gradients, should anything differentiate through it, are those of grouped_attention.
     w = np.random.default_rng(1).standard_normal(q.shape, np.float32)
-    grads = [jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2)))(q, k, v)
+    grads = [jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2)))(q, k, v)
              for f in (cache_attention, grouped_attention)]
     for got, want in zip(*grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -426,7 +426,7 @@ def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu(monkeypatch)
     w = np.random.default_rng(1).standard_normal((6, 4, 5)).astype(np.float32)  # [in..., out...], in_rank 1
     for in_rank in (1, 2):
         want = np.transpose(w, tuple(range(in_rank, 3)) + tuple(range(in_rank)))
-        np.testing.assert_array_equal(np.asarray(jax.jit(lambda w: output_major(w, in_rank))(w)), want)
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda w, r=in_rank: output_major(w, r))(w)), want)
     hlo = lambda w: jax.jit(lambda w: output_major(w, 1)).lower(w).as_text()
     assert kernels.TRANSPOSE in hlo(w)
     assert kernels.TRANSPOSE not in hlo(jnp.asarray(w, jnp.bfloat16))

@@ -66,7 +66,8 @@ NORM_FWD, NORM_BWD = "mmjax_norm_fwd", "mmjax_norm_bwd"
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("rowdot.cc", "attention.cc", "norm.cc"))
 HEADERS = (Path(__file__).with_name("common.h"),)
 TARGETS = {TARGET: "MmjaxRowDot", ATTENTION_FWD: "MmjaxAttentionFwd", ATTENTION_BWD: "MmjaxAttentionBwd",
-           CACHE_ATTENTION: "MmjaxCacheAttention", TRANSPOSE: "MmjaxTranspose", NORM_FWD: "MmjaxNormFwd", NORM_BWD: "MmjaxNormBwd"}
+           CACHE_ATTENTION: "MmjaxCacheAttention", TRANSPOSE: "MmjaxTranspose", NORM_FWD: "MmjaxNormFwd",
+           NORM_BWD: "MmjaxNormBwd"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 ENV_SWITCH = "MMJAX_CPU_KERNELS"
 AVX512_SWITCH = "MMJAX_CPU_AVX512"
