@@ -8,7 +8,9 @@ side with `mmjax.load_pretrained`, so both decoders are one model. Both decode t
 prompts (all of length --prompt-len) greedily for exactly --new-tokens tokens (no EOS), HF with
 `do_sample=False` and its default KV cache and attention, `torch.set_num_threads(os.cpu_count())`
 (--torch-threads 2,1 adds HF at 1 thread: on a loaded machine PyTorch's thread pool can be several
-times slower with all cores than with one, which would flatter the ratio).
+times slower with all cores than with one, which would flatter the ratio). Each timed call comes
+after a --settle-s sleep (0.5 s): the sides alternate, and each runtime's worker threads spin for a
+while after its call, taking the 2 cores from the other side's next call.
 
 Figures per side and batch size (seconds; the best of --repeats runs, ours and HF interleaved so that
 load from other processes hits both alike; "median" repeats them with medians, and every run's time
@@ -49,6 +51,11 @@ import jax
 import numpy as np
 
 from mmjax.decode import prepare_generate
+
+# Seconds of sleep before each timed call. The sides alternate, and a runtime's worker threads keep
+# spinning for a while after its call (PyTorch's OpenMP pool, XLA's); on 2 cores that spinning took the
+# cores from the next side's call.
+SETTLE_S = 0.5
 
 
 def _hf_config(width: int, depth: int, heads: int, kv_heads: int, mlp: int, vocab: int, max_len: int):
@@ -128,7 +135,8 @@ class _HF:
 
 
 def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int, repeats: int, seed: int = 0,
-                torch_threads: tuple[int, ...] = (), read_bytes_per_s: float | None = None) -> dict:
+                torch_threads: tuple[int, ...] = (), read_bytes_per_s: float | None = None,
+                settle_s: float = SETTLE_S) -> dict:
     """Both sides on one batch of random prompts; see the module docstring for the figures.
 
     HF runs once per entry of torch_threads (default: os.cpu_count()): the first is "hf", the others
@@ -145,6 +153,7 @@ def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int
     for _ in range(repeats):
         for n, key in ((new, "total"), (1, "first")):
             for name, side in sides.items():
+                time.sleep(settle_s)  # let the other side's worker threads stop spinning (docstring)
                 times[name][key].append(_timed(lambda s=side, n=n: s(n))[0])
     ours_tokens, hf_tokens = first_call["ours"][1], first_call["hf"][1]
     hf_names = [name for name in sides if name != "ours"]
@@ -184,7 +193,7 @@ def bench_batch(hf, model, params, *, batch_size: int, prompt_len: int, new: int
 def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repeats: int = 3, width: int = 512,
         depth: int = 8, heads: int = 8, kv_heads: int | None = None, mlp: int = 1376, vocab: int = 32_000,
         torch_threads: tuple[int, ...] = (), seed: int = 0, out: str | Path | None = None,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, settle_s: float = SETTLE_S) -> dict:
     import torch
 
     from mmjax import decode, kernels
@@ -208,7 +217,7 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
     for b in batch_sizes:
         cases.append(bench_batch(hf, model, params, batch_size=b, prompt_len=prompt_len, new=new_tokens,
                                  repeats=repeats, seed=seed, torch_threads=torch_threads,
-                                 read_bytes_per_s=read_bw))
+                                 read_bytes_per_s=read_bw, settle_s=settle_s))
         if verbose:
             print(_line(cases[-1]), flush=True)
     results = {
@@ -220,7 +229,7 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "read_bandwidth": {"what": "best of 10 jitted jnp.sum over a 256 MiB fp32 array", "bytes_per_s": read_bw},
         "cpu_kernel": kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot",
-        "weight_major_rows": decode.WEIGHT_MAJOR_ROWS,
+        "weight_major_rows": decode.WEIGHT_MAJOR_ROWS, "settle_s": settle_s,
         "note": "shared machine: timings include other processes' load (see load averages)",
         "cases": cases,
     }
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", default=None,
                    help="comma-separated torch thread counts for HF (default: os.cpu_count()); e.g. 2,1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settle-s", type=float, default=SETTLE_S,
+                   help="seconds of sleep before each timed call, so the other side's threads stop spinning")
     p.add_argument("--out", default=None, help="JSON file to write")
     a = p.parse_args(argv)
     try:
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{a.torch_threads!r}")
     run(batch_sizes=sizes, prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats, width=a.width,
         depth=a.depth, heads=a.heads, kv_heads=a.kv_heads, mlp=a.mlp, vocab=a.vocab, torch_threads=threads,
-        seed=a.seed, out=a.out)
+        seed=a.seed, out=a.out, settle_s=a.settle_s)
     return 0
 
 

@@ -257,7 +257,7 @@ def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
     out = tmp_path / "bench.json"
     assert bench_decode.main(["--width", "32", "--depth", "2", "--heads", "4", "--mlp", "64", "--vocab", "128",
                               "--batch-sizes", "2", "--prompt-len", "5", "--new-tokens", "24", "--repeats", "2",
-                              "--torch-threads", "1", "--out", str(out)]) == 0
+                              "--torch-threads", "1", "--settle-s", "0.01", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     (case,) = res["cases"]
     assert case["tokens_match"] == 1.0 and case["rows_identical"] == 2
@@ -272,7 +272,7 @@ def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
         step_bytes = 4 * (res["model"]["params"] - 128 * 32)
         assert s["weight_gb_per_s"] == pytest.approx(step_bytes / s["per_token_s"] / 1e9)
     assert case["ours"]["compile_s"] > 0 and case["hf"]["torch_threads"] == 1
-    assert res["read_bandwidth"]["bytes_per_s"] > 1e8 and res["weight_major_rows"] == 2
+    assert res["read_bandwidth"]["bytes_per_s"] > 1e8 and res["weight_major_rows"] == 2 and res["settle_s"] == 0.01
     assert res["cpu_kernel"] == (kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot")
     assert case["ratio_tokens_per_s"] == pytest.approx(case["ours"]["tokens_per_s"] / case["hf"]["tokens_per_s"])
     assert res["model"]["vocab"] == 128 and res["model"]["params"] == 2 * 128 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64
