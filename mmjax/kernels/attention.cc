@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -283,32 +284,30 @@ struct BwdScratch {
   std::vector<float> dp, dsum;
 };
 
-ffi::Error check(const Dims& d, ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ffi::Span<const int64_t> v) {
-  if (q.size() != 4 || k.size() != 4 || v.size() != 4)
-    return ffi::Error::InvalidArgument("mmjax_attention: q, k, v must be [B, T, H, Dh] and [B, S, Hkv, Dh]");
-  if (k[0] != q[0] || k[3] != q[3] || v[0] != k[0] || v[1] != k[1] || v[2] != k[2] || v[3] != k[3] ||
-      k[2] == 0 || q[2] % k[2] != 0)
-    return ffi::Error::InvalidArgument("mmjax_attention: q [B, T, H, Dh] does not fit k, v [B, S, Hkv, Dh]");
-  (void)d;
-  return ffi::Error::Success();
-}
-
+// The dimensions of q [B, T, H, Dh], k and v ([B, S, Hkv, Dh], or head_major [B, Hkv, S, Dh]: a KV
+// cache) and the mask [1 or B, 1 or H, T, S].
 ffi::Error dims_of(Dims& d, ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ffi::Span<const int64_t> v,
-                   ffi::Span<const int64_t> mask, bool has_mask, float scale) {
-  if (auto e = check(d, q, k, v); e.failure()) return e;
+                   ffi::Span<const int64_t> mask, bool has_mask, float scale, bool head_major = false) {
+  const char* name = head_major ? "mmjax_cache_attention" : "mmjax_attention";
+  const char* layout = head_major ? "[B, Hkv, S, Dh]" : "[B, S, Hkv, Dh]";
+  if (q.size() != 4 || k.size() != 4 || v.size() != 4 || !std::equal(k.begin(), k.end(), v.begin()))
+    return ffi::Error::InvalidArgument(std::string(name) + ": q must be [B, T, H, Dh] and k, v " + layout);
+  const int64_t hkv = head_major ? k[1] : k[2];
+  if (k[0] != q[0] || k[3] != q[3] || hkv == 0 || q[2] % hkv != 0)
+    return ffi::Error::InvalidArgument(std::string(name) + ": q [B, T, H, Dh] does not fit k, v " + layout);
   d.B = q[0];
   d.T = q[1];
   d.H = q[2];
   d.Dh = q[3];
-  d.S = k[1];
-  d.Hkv = k[2];
+  d.S = head_major ? k[2] : k[1];
+  d.Hkv = hkv;
   d.G = d.H / d.Hkv;
   d.scale = scale;
   d.has_mask = has_mask;
   if (has_mask) {
     if (mask.size() != 4 || (mask[0] != 1 && mask[0] != d.B) || (mask[1] != 1 && mask[1] != d.H) || mask[2] != d.T ||
         mask[3] != d.S)
-      return ffi::Error::InvalidArgument("mmjax_attention: mask must be [1 or B, 1 or H, T, S]");
+      return ffi::Error::InvalidArgument(std::string(name) + ": mask must be [1 or B, 1 or H, T, S]");
     d.mask_h_stride = mask[1] == 1 ? 0 : 1;
     d.mask_b_stride = mask[0] == 1 ? 0 : mask[1];
   }
@@ -470,28 +469,11 @@ inline void accumulate_rows(float* o, const float* p, const float* v, int n, int
 ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
                           float scale, bool has_mask) {
-  const auto qs = q.dimensions(), ks = k.dimensions(), vs = v.dimensions();
-  if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4 || ks[0] != qs[0] || ks[3] != qs[3] || ks[1] == 0 ||
-      qs[2] % ks[1] != 0 || vs[0] != ks[0] || vs[1] != ks[1] || vs[2] != ks[2] || vs[3] != ks[3])
-    return ffi::Error::InvalidArgument("mmjax_cache_attention: q [B, T, H, Dh] does not fit k, v [B, Hkv, S, Dh]");
   Dims d;
-  d.B = qs[0];
-  d.T = qs[1];
-  d.H = qs[2];
-  d.Dh = qs[3];
-  d.Hkv = ks[1];
-  d.S = ks[2];
-  d.G = d.H / d.Hkv;
-  d.scale = scale;
-  d.has_mask = has_mask;
-  if (has_mask) {
-    const auto ms = mask.dimensions();
-    if (ms.size() != 4 || (ms[0] != 1 && ms[0] != d.B) || (ms[1] != 1 && ms[1] != d.H) || ms[2] != d.T ||
-        ms[3] != d.S)
-      return ffi::Error::InvalidArgument("mmjax_cache_attention: mask must be [1 or B, 1 or H, T, S]");
-    d.mask_h_stride = ms[1] == 1 ? 0 : 1;
-    d.mask_b_stride = ms[0] == 1 ? 0 : ms[1];
-  }
+  if (auto e = dims_of(d, q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), has_mask, scale,
+                       /*head_major=*/true);
+      e.failure())
+    return e;
   float* od = out->typed_data();
   std::memset(od, 0, sizeof(float) * out->element_count());
   if (d.B * d.H == 0 || d.T == 0 || d.S == 0) return ffi::Error::Success();

@@ -13,6 +13,13 @@ no dropout, no KV cache, a one-device mesh (a custom call cannot be partitioned:
 gather the operands), and the kernel available (`mmjax.kernels`: x86-64 with AVX2/FMA and a C++
 compiler). Why it exists, measured (2-core Xeon, AVX-512, tiny CLIP train step): see the README's
 Running on CPU.
+
+    out = cache_attention(q, k, v, mask)    q [B, T, H, Dh], k, v [B, Hkv, S, Dh] (a head-major KV cache)
+
+is the same softmax for generation (forward only; gradients, if taken, are XLA's reference
+`grouped_attention`'s): each (batch row, kv head) reads only the slots between the first and the last
+one its queries may see, so a decoding step reads the filled part of the cache. `Attention` uses it
+with a KV cache under the same conditions (`use_cache_attention`), at any S.
 """
 
 from __future__ import annotations
@@ -41,14 +48,15 @@ def _mask_operand(mask: jax.Array | None, b: int, h: int, t: int, s: int) -> tup
     return jnp.broadcast_to(mask, (mb, mh, t, s)), True
 
 
-def _check(q, k, v):
+def _check(q, k, v, what="cpu_attention", head_major=False):
+    """Operand checks: k, v [B, S, Hkv, Dh], or [B, Hkv, S, Dh] with head_major (a KV cache)."""
+    layout, heads = ("[B, Hkv, S, Dh]", 1) if head_major else ("[B, S, Hkv, Dh]", 2)
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"cpu_attention: q [B, T, H, Dh] and k, v [B, S, Hkv, Dh], got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"cpu_attention: {q.shape[2]} query heads cannot be grouped over {k.shape[2]} kv heads")
+        raise ValueError(f"{what}: q [B, T, H, Dh] and k, v {layout}, got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] % k.shape[heads]:
+        raise ValueError(f"{what}: {q.shape[2]} query heads cannot be grouped over {k.shape[heads]} kv heads")
     if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
-        raise TypeError(f"cpu_attention: fp32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{what}: fp32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _forward(q, k, v, mask, keep_probs: bool):
@@ -134,13 +142,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     reason = kernels.rowdot_unavailable_reason()
     if reason is not None:
         raise kernels.KernelUnavailable(reason)
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"cache_attention: q [B, T, H, Dh] and k, v [B, Hkv, S, Dh], got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
-    if q.shape[2] % k.shape[1]:
-        raise ValueError(f"cache_attention: {q.shape[2]} query heads cannot be grouped over {k.shape[1]} kv heads")
-    if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
-        raise TypeError(f"cache_attention: fp32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(q, k, v, "cache_attention", head_major=True)
     if mask is not None:
         _mask_operand(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[2])
     return _cache_attention(q, k, v, mask)
