@@ -421,6 +421,14 @@ def test_transpose_matches_numpy(k, n):
 
 
 @needs_kernel
+def test_transpose_names_bad_operands():
+    with pytest.raises(ValueError, match=r"a matrix \[K, N\], got shape \(2, 3, 4\)"):
+        kernels.transpose(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(TypeError, match="fp32 only, got float16"):
+        kernels.transpose(np.zeros((2, 3), np.float16))
+
+
+@needs_kernel
 def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu(monkeypatch):
     from mmjax.layers.linear import output_major
     w = np.random.default_rng(1).standard_normal((6, 4, 5)).astype(np.float32)  # [in..., out...], in_rank 1

@@ -264,11 +264,13 @@ def rowdot(w_t: jax.Array, x: jax.Array) -> jax.Array:
 
 def transpose(x: jax.Array) -> jax.Array:
     """xᵀ [N, K] of x [K, N] in fp32 with the native kernel (raises KernelUnavailable): the output-major
-    kernel copies of the decode path, about 3× XLA:CPU's transpose (rowdot.cc)."""
+    kernel copies of the decode path, 1.4-1.7× as fast as XLA:CPU's transpose (rowdot.cc)."""
     reason = _load()
     if reason is not None:
         raise KernelUnavailable(reason)
-    if x.ndim != 2 or x.dtype != jnp.float32:
-        raise ValueError(f"transpose: expects an fp32 matrix [K, N], got {x.dtype} {x.shape}")
+    if x.ndim != 2:
+        raise ValueError(f"transpose: expects a matrix [K, N], got shape {x.shape}")
+    if x.dtype != jnp.float32:
+        raise TypeError(f"transpose: fp32 only, got {x.dtype}")
     out = jax.ShapeDtypeStruct((x.shape[1], x.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TRANSPOSE, out, vmap_method="sequential")(x)

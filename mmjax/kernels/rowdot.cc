@@ -133,8 +133,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxRowDot, RowDot,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // mmjax_transpose: y [N, K] = x [K, N]ᵀ, fp32: the output-major copies of the kernels that rowdot
-// multiplies, made once per generation call. XLA:CPU transposed a decoder's 167 MB of kernels at about
-// 3 GB/s (reads + writes) on a 2-core AMD EPYC; here 8×8 blocks are transposed in registers (unpack /
+// multiplies, made once per generation call. XLA:CPU transposed a decoder's 167 MB of kernels at 3.2-3.5
+// GB/s (reads + writes; 5.9-6.9 with huge pages) on a 2-core AMD EPYC, this at 5.8-7.0 (8.3-9.6); here 8×8 blocks are transposed in registers (unpack /
 // shuffle / permute, the classic AVX2 sequence) within 32×32 tiles, so each cache line read or written
 // is used whole, and the tiles' rows of y are split over XLA's intra-op threads.
 namespace {
