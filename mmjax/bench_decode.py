@@ -33,7 +33,7 @@ is kept in *_all):
                      cases (`read_bandwidth`: the best of 10 jitted sums over a 256 MiB fp32 array)
 
 The JSON also says whether our side multiplied with mmjax's CPU decode kernel (`cpu_kernel`; see
-mmjax/kernels) and from how many rows (`weight_major_rows`, mmjax.decode.WEIGHT_MAJOR_ROWS).
+mmjax/ops/cpu) and from how many rows (`weight_major_rows`, mmjax.decode.WEIGHT_MAJOR_ROWS).
 
 The machine may be shared: the JSON records the load average before and after; timings are noisy then.
 """
@@ -196,7 +196,8 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
         verbose: bool = True, settle_s: float = SETTLE_S) -> dict:
     import torch
 
-    from mmjax import decode, kernels
+    from mmjax import decode
+    from mmjax.ops import cpu as ops_cpu
     from mmjax.bench import machine_info
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to separate the first token from the rest, got {new_tokens}")
@@ -228,7 +229,7 @@ def run(*, batch_sizes=(8, 1), prompt_len: int = 16, new_tokens: int = 128, repe
         "machine": machine_info(), "torch_threads": list(torch_threads), "torch_version": torch.__version__,
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "read_bandwidth": {"what": "best of 10 jitted jnp.sum over a 256 MiB fp32 array", "bytes_per_s": read_bw},
-        "cpu_kernel": kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot",
+        "cpu_kernel": ops_cpu.unavailable_reason() or "mmjax.ops.cpu.rowdot",
         "weight_major_rows": decode.WEIGHT_MAJOR_ROWS, "settle_s": settle_s,
         "note": "shared machine: timings include other processes' load (see load averages)",
         "cases": cases,

@@ -182,6 +182,17 @@ def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any]) -> T:
     return cfg
 
 
+def replace_in(cfg: T, cls: type, **changes) -> T:
+    """A copy of the config tree `cfg` with `changes` applied to every `cls` inside it (cfg itself
+    included): e.g. replace_in(clip_cfg, TransformerConfig, dtype="bfloat16") for both towers."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        return cfg
+    children = {f.name: replace_in(getattr(cfg, f.name), cls, **changes) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, cls):
+        children.update(changes)
+    return dataclasses.replace(cfg, **children)
+
+
 def diff(a, b, prefix: str = "") -> list[str]:
     """Dotted paths whose values differ between two config dicts (for workdir checks)."""
     out = []

@@ -24,10 +24,12 @@ model's cache protocol (positions = cumsum(valid) − 1, kv_valid over every slo
     out.sequences[i]   prompt + generated ids of row i (through EOS), numpy int32
     out.tokens         [B, 32] generated ids, pad_id after EOS;  out.lengths [B]
 
-Batches of ≥ WEIGHT_MAJOR_ROWS rows decode with output-major copies of the kernels, made once per
-call before the prefill, because a few rows stream the weights faster that way, on x86-64 CPUs with
-mmjax's own kernel (see `mmjax.layers.linear` and `mmjax.kernels`); it costs a second copy of the
-kernels for the duration of the call.
+On the CPU (with the model's OpsPolicy cpu_kernels, one device, fp32, unscanned layers), batches of
+≥ WEIGHT_MAJOR_ROWS rows decode with output-major copies of the dense kernels, made once per call
+before the prefill: a few rows stream the weights faster that way, through mmjax's native small-rows
+matmul (`mmjax.ops.dense_output_major`). The layers are not told: `nn.intercept_methods` routes each
+DenseGeneral call to the copy of its kernel, from outside the model. It costs a second copy of the
+kernels for the duration of the call; on other platforms nothing of this happens.
 
 `prepare_generate` does the checks and set-up without running and returns a `GenerationPlan`
 (plan() runs it; plan.lower() for ahead-of-time compilation, as `mmjax.bench_decode` does).
@@ -48,18 +50,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmjax import kernels
+from mmjax import ops
 from mmjax.data.tokenizers import Tokenizer, check_vocab
-from mmjax.layers.linear import DECODE
+from mmjax.layers.linear import DenseGeneral
 from mmjax.models.lm import cache_shardings, init_cache
 from mmjax.sharding import current_rules, logical_rules, tree_shardings
 
 NEG_INF = -jnp.inf
-# Batches of at least this many rows (prompts, doubled with CFG) decode with output-major copies of the
-# kernels, made once per call (see mmjax.layers.linear), which the CPU kernel mmjax.kernels.rowdot
-# multiplies; None: never. Per-token times on a 2-core AMD EPYC with AVX2 (width 512, depth 8, vocab
-# 32k; stored layout → output-major with the kernel, copies included, medians of 4 alternated runs):
-# 1 row 15.1 → 17.3 ms, 2 rows 21.6 → 16.7 ms, 3 rows 32.6 → 17.9 ms, 8 rows 45.0 → 22.7 ms.
+# On the CPU, batches of at least this many rows (prompts, doubled with CFG) decode with output-major
+# kernel copies (module docstring); at one row XLA's dot reads the stored layout as fast (docs/cpu.md).
 WEIGHT_MAJOR_ROWS: int | None = 2
 
 
@@ -223,9 +222,61 @@ class Generation(NamedTuple):
     lengths: np.ndarray
 
 
-def _weight_major(rows: int, max_new: int) -> bool:
-    """Whether a generation call decodes with output-major kernel copies (see mmjax.layers.linear)."""
-    return WEIGHT_MAJOR_ROWS is not None and rows >= WEIGHT_MAJOR_ROWS and max_new > 1
+def _platform(mesh: Mesh | None) -> str:
+    """The platform the generation runs on: the mesh's devices, else the default device (where jit puts it)."""
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+
+
+def _weight_major(model: nn.Module, rows: int, max_new: int, mesh: Mesh | None) -> bool:
+    """Whether a generation call decodes with output-major kernel copies (module docstring)."""
+    e = model.cfg.encoder
+    return (rows >= WEIGHT_MAJOR_ROWS and max_new > 1 and e.ops.cpu_kernels and not e.scan_layers
+            and e.dtype == "float32" and _platform(mesh) == "cpu" and (mesh is None or mesh.size == 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_layers(model: nn.Module) -> tuple[tuple[tuple[str, ...], int], ...]:
+    """(module path, in_rank) of every DenseGeneral the model calls, recorded from an abstract init."""
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, DenseGeneral) and context.method_name == "__call__":
+            found[tuple(context.module.path)] = context.module.in_rank
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    return tuple(found.items())
+
+
+def _at(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _weight_major_interceptor(model: nn.Module, params):
+    """An `nn.intercept_methods` interceptor computing every DenseGeneral of the model as x · W_tᵀ with an
+    output-major copy W_t of its kernel, made now (before the decode loop, so once per call)."""
+    policy = model.cfg.encoder.ops
+    copies = {path: ops.output_major(_at(params, path)["kernel"], in_rank, policy=policy)
+              for path, in_rank in _dense_layers(model)}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        path = tuple(module.path) if isinstance(module, DenseGeneral) else None
+        if context.method_name != "__call__" or path not in copies:
+            return next_fun(*args, **kwargs)
+        x = args[0].astype(module.dtype)
+        lead = x.shape[:x.ndim - module.in_rank]
+        features = module.features if isinstance(module.features, tuple) else (module.features,)
+        y = ops.dense_output_major(x.reshape(lead + (-1,)), copies[path].astype(module.dtype), policy=policy)
+        y = y.reshape(lead + tuple(features))
+        if module.use_bias:
+            y = y + _at(params, path)["bias"].astype(module.dtype)
+        return y
+
+    return interceptor
 
 
 @functools.lru_cache(maxsize=64)
@@ -263,12 +314,11 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
             return greedy(logits)
         return sample(key, logits, temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None)
 
-    def run(*args):
-        # The native CPU kernel (mmjax.kernels) is a custom call: on a mesh of several devices XLA would
-        # gather the sharded weights onto every device for it, each step.
-        sharded = mesh is not None and mesh.size > 1
-        with kernels.cpu_kernels_disabled() if sharded else contextlib.nullcontext():
-            return loop(*args)
+    def run(params, *args):
+        if not weight_major:
+            return loop(params, *args)
+        with nn.intercept_methods(_weight_major_interceptor(model, params)):
+            return loop(params, *args)
 
     def loop(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id):
         # Left-align every row: slot j of row r holds prompt token j − pad_r (pads first).
@@ -285,11 +335,6 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         positions = jnp.maximum(jnp.cumsum(in_prompt, axis=1) - 1, 0).astype(jnp.int32)
 
         variables = {"params": params}
-        if weight_major:
-            # Output-major copies of every kernel, made once here (outside the loop) by one forward
-            # over a dummy token with the DECODE collection mutable; XLA drops that forward's math.
-            _, made = model.apply(variables, jnp.zeros((1, 1), jnp.int32), mutable=[DECODE])
-            variables = {**variables, DECODE: made[DECODE]}
 
         cache = init_cache(cfg, rows, s, cache_dtype)
         if mesh is not None:
@@ -515,7 +560,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
         model, rows=int(arr.shape[0]), prompt_len=t0, max_new=int(max_new_tokens), cache_len=int(cache_len),
         embeds=bool(embeds), greedy_=temperature == 0, top_k=None if top_k is None else int(top_k),
         use_top_p=top_p is not None and top_p < 1.0, guided=guided, cache_dtype=cache_dtype,
-        weight_major=_weight_major(int(arr.shape[0]), int(max_new_tokens)), mesh=mesh,
+        weight_major=_weight_major(model, int(arr.shape[0]), int(max_new_tokens), mesh), mesh=mesh,
         rules=None if rules is None else tuple(rules))
     key = jax.random.key(0) if rng is None else rng
     allowed = np.ones((vocab,), bool)

@@ -20,7 +20,10 @@ import torch
 import transformers as T
 
 import mmjax
-from mmjax import kernels
+from mmjax.config import replace_in
+from mmjax.layers import TransformerConfig
+from mmjax.ops import OpsPolicy
+from mmjax.ops import cpu as ops_cpu
 from mmjax.data.tokenizers import ByteTokenizer
 from mmjax.decode import generate, prepare_generate
 from mmjax.models.lm import LM
@@ -97,15 +100,15 @@ def test_greedy_matches_hf_generate_token_for_token(hf_and_ours, hf_greedy):
         np.testing.assert_array_equal(seq, np.concatenate([p, gen]))
 
 
-def test_plain_and_weight_major_kernels_both_match_hf(hf_and_ours, hf_greedy, monkeypatch):
-    """Batches of ≥ WEIGHT_MAJOR_ROWS rows decode with output-major kernel copies (mmjax.layers.linear),
-    smaller ones with the params as stored: both give HF's tokens, single rows included."""
+def test_plain_and_weight_major_kernels_both_match_hf(hf_and_ours, hf_greedy):
+    """On the CPU, batches of ≥ WEIGHT_MAJOR_ROWS rows decode with output-major kernel copies (mmjax.decode),
+    single rows and models without CPU kernels with the params as stored: all give HF's tokens."""
     import mmjax.decode as dec
     _, model, params = hf_and_ours
-    assert dec._weight_major(len(PROMPTS), NEW) and not dec._weight_major(1, NEW)
-    monkeypatch.setattr(dec, "WEIGHT_MAJOR_ROWS", None)
-    np.testing.assert_array_equal(generate(model, params, PROMPTS, max_new_tokens=NEW, pad_id=PAD).tokens, hf_greedy)
-    monkeypatch.setattr(dec, "WEIGHT_MAJOR_ROWS", 1)
+    assert dec._weight_major(model, len(PROMPTS), NEW, None) and not dec._weight_major(model, 1, NEW, None)
+    plain = type(model)(replace_in(model.cfg, TransformerConfig, ops=OpsPolicy(cpu_kernels=False)))
+    assert not dec._weight_major(plain, len(PROMPTS), NEW, None)
+    np.testing.assert_array_equal(generate(plain, params, PROMPTS, max_new_tokens=NEW, pad_id=PAD).tokens, hf_greedy)
     row = generate(model, params, PROMPTS[:1], max_new_tokens=NEW, pad_id=PAD)
     np.testing.assert_array_equal(row.tokens, hf_greedy[:1])
 
@@ -167,15 +170,15 @@ def test_mesh_2x2x2_gives_the_same_tokens_as_one_device(hf_and_ours, hf_greedy):
     assert not np.array_equal(one.tokens, hf_greedy)  # it did sample
 
 
-@pytest.mark.skipif(kernels.machine_limit() is not None,
-                    reason=f"the CPU kernel cannot be built on this machine: {kernels.machine_limit()}")
+@pytest.mark.skipif(ops_cpu.machine_limit() is not None,
+                    reason=f"the CPU kernel cannot be built on this machine: {ops_cpu.machine_limit()}")
 def test_batched_decode_uses_the_cpu_kernel_on_one_device_not_on_a_mesh(hf_and_ours):
     """On a mesh of several devices the kernel's custom call would gather the sharded weights every step."""
     _, model, params = hf_and_ours
     mesh = make_mesh(MeshConfig(shape=(2, 2, 2)))
     for m, used in ((None, True), (mesh, False)):
         plan = prepare_generate(model, params, PROMPTS, max_new_tokens=4, pad_id=PAD, mesh=m)
-        assert (kernels.TARGET in plan.lower().compile().as_text()) is used
+        assert ("mmjax_rowdot" in plan.lower().compile().as_text()) is used
 
 
 def test_classifier_free_guidance_scale_one_is_conditional_zero_is_unconditional(hf_and_ours, hf_greedy):
@@ -273,7 +276,7 @@ def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
         assert s["weight_gb_per_s"] == pytest.approx(step_bytes / s["per_token_s"] / 1e9)
     assert case["ours"]["compile_s"] > 0 and case["hf"]["torch_threads"] == 1
     assert res["read_bandwidth"]["bytes_per_s"] > 1e8 and res["weight_major_rows"] == 2 and res["settle_s"] == 0.01
-    assert res["cpu_kernel"] == (kernels.rowdot_unavailable_reason() or "mmjax.kernels.rowdot")
+    assert res["cpu_kernel"] == (ops_cpu.unavailable_reason() or "mmjax.ops.cpu.rowdot")
     assert case["ratio_tokens_per_s"] == pytest.approx(case["ours"]["tokens_per_s"] / case["hf"]["tokens_per_s"])
     assert res["model"]["vocab"] == 128 and res["model"]["params"] == 2 * 128 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64
                                                                                           + 2 * 32) + 32

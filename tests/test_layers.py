@@ -35,10 +35,11 @@ def _np_attention(q, k, v, mask):
 
 
 @pytest.mark.parametrize("in_rank,features", [(1, 6), (1, (4, 3)), (2, 5)])
-def test_weight_major_dot_and_the_decode_copy_match_numpy(in_rank, features):
-    """DenseGeneral's output-major path (mmjax.layers.linear) against x · W in numpy: the copy made with
-    the "decode" collection mutable is the kernel transposed (output axes first), and applying with it
-    alone (no kernel param) gives the same y."""
+def test_dense_and_its_output_major_form_match_numpy(in_rank, features):
+    """DenseGeneral against x · W + b in numpy, and the decode path's form of the same product: the kernel
+    as an output-major matrix (`ops.output_major`: output axes first, flattened) through
+    `ops.dense_output_major`, in XLA's and in the native CPU implementation."""
+    from mmjax import ops
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 2) if in_rank == 2 else (2, 3, 8)).astype(np.float32)
     layer = DenseGeneral(features, ("a",) * (in_rank + len(np.atleast_1d(features))), in_rank=in_rank)
     params = nn.meta.unbox(layer.init(jax.random.key(1), x)["params"])
@@ -46,17 +47,15 @@ def test_weight_major_dot_and_the_decode_copy_match_numpy(in_rank, features):
     w, b = np.asarray(params["kernel"]), params["bias"]
     in_axes = "ij"[:in_rank]
     want = np.einsum(f"bt{in_axes},{in_axes}...->bt...", x, w) + b
+    np.testing.assert_allclose(layer.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
 
-    y, made = layer.apply({"params": params}, x, mutable=["decode"])
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-    perm = tuple(range(in_rank, w.ndim)) + tuple(range(in_rank))
-    np.testing.assert_array_equal(made["decode"]["kernel_t"], np.transpose(w, perm))
-    y_t = layer.apply({"params": {"bias": b}, "decode": made["decode"]}, x)
-    np.testing.assert_allclose(y_t, want, rtol=1e-5, atol=1e-5)
-
-    wrong = {"kernel_t": np.zeros((7,) + made["decode"]["kernel_t"].shape[1:], np.float32)}
-    with pytest.raises(ValueError, match="decode kernel_t has shape"):
-        layer.apply({"params": {"bias": b}, "decode": wrong}, x)
+    n_in = int(np.prod(w.shape[:in_rank]))
+    for policy in (ops.OpsPolicy(), ops.XLA_ONLY):
+        w_t = jax.jit(lambda k, policy=policy: ops.output_major(k, in_rank, policy=policy))(w)
+        np.testing.assert_array_equal(w_t, w.reshape(n_in, -1).T)
+        y = jax.jit(lambda a, k, policy=policy: ops.dense_output_major(a, k, policy=policy))(
+            x.reshape(2, 3, n_in), w_t)
+        np.testing.assert_allclose(np.asarray(y).reshape(want.shape) + b, want, rtol=1e-5, atol=1e-5)
 
 
 def test_mask_helper_cases():
@@ -234,75 +233,16 @@ def test_scan_equals_unscanned(remat):
                                g2["blocks"]["block"]["mlp"]["fc1"]["kernel"][2], atol=1e-4)
 
 
-def test_fusion_barrier_is_the_identity_with_the_identity_gradient():
-    from mmjax.layers.transformer import fusion_barrier
-    x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
-    f = lambda x: jnp.sum(jnp.tanh(2 * fusion_barrier(x)) ** 2)
-    t = np.tanh(2 * x)
-    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), 4 * t * (1 - t ** 2), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(fusion_barrier(x), x)
-    assert jax.jit(jax.grad(f)).lower(x).compile().as_text().count("conditional(") == 1  # the cotangent's
-
-
-def test_after_is_the_identity_and_xla_keeps_its_dependency():
-    """after(x, d) is x with x's gradient and none for d; in the compiled program d stays an operand of
-    the conditional that yields x (so what reads x waits for d): the ordering CLIP's towers rely on."""
-    import re
-
-    from mmjax.layers.transformer import after
-    rng = np.random.default_rng(0)
-    x, d = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)
-    gx, gd = jax.jit(jax.grad(lambda x, d: jnp.sum(jnp.tanh(after(x, d))) + jnp.sum(d ** 2), argnums=(0, 1)))(x, d)
-    np.testing.assert_allclose(gx, 1 - np.tanh(x) ** 2, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gd, 2 * d, rtol=1e-6)  # the direct term only
-    np.testing.assert_array_equal(after(x, d), x)
-    hlo = jax.jit(lambda x, d: after(x, d) * 2).lower(x, d).compile().as_text()
-    types = dict(re.findall(r"%(\S+) = (\(.*?\)|\S+) ", hlo))
-    (operands,) = re.findall(r"= \S+ conditional\((.*?)\), branch_computations", hlo)
-    assert any("f32[5,7]" in types.get(o.strip().lstrip("%"), "") for o in operands.split(",")), operands
-
-
-def _widest_backward_fusion(depth: int, barriers: bool, monkeypatch) -> int:
-    """Operands of the widest fusion XLA makes in the gradient of an unrolled stack."""
-    import re
-
-    import mmjax.kernels.norm as kn
-    import mmjax.layers.transformer as tr
-    monkeypatch.setattr(tr, "FUSION_BARRIERS", barriers)
-    # XLA's own LayerNorm backward: the CPU norm kernel's custom call would cut the chain by itself.
-    monkeypatch.setattr(kn, "ENABLED", False)
-    model = Transformer(TransformerConfig(width=32, depth=depth, num_heads=2, mlp_dim=64))
-    x = jnp.ones((2, 16, 32))
-    params = model.init(jax.random.key(0), x)
-    hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x)[0] ** 2))).lower(params, x).compile().as_text()
-    return max(m.group(1).count("%") for m in re.finditer(r"= \S+ fusion\((.*?)\), kind=", hlo))
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu",
-                    reason=f"inspects XLA:CPU's fusion decisions; this backend is {jax.default_backend()}")
-def test_fusion_barriers_keep_backward_fusions_from_growing_with_depth(monkeypatch):
-    """Without barriers XLA:CPU fuses the residual cotangent's chain of adds into each block's consumers,
-    so the widest backward fusion grows with depth (the reason the barriers exist: 183 operands for one
-    S/16 fusion); with them it reads the same few operands at any depth."""
-    bare = [_widest_backward_fusion(d, False, monkeypatch) for d in (2, 4)]
-    assert bare[1] >= bare[0] + 30, bare
-    fenced = [_widest_backward_fusion(d, True, monkeypatch) for d in (2, 4)]
-    assert fenced[0] == fenced[1] <= 16, fenced
-
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason=f"inspects XLA:CPU's reductions; this backend is {jax.default_backend()}")
-def test_dense_with_head_axes_sums_its_bias_gradient_over_a_2d_array(monkeypatch):
-    """A q/k/v projection's output [B, T, H, Dh]: with FLATTEN_ROWS the bias is added to the [B·T, H·Dh]
+def test_dense_with_head_axes_sums_its_bias_gradient_over_a_2d_array():
+    """A q/k/v projection's output [B, T, H, Dh]: on the CPU the bias is added to the [B·T, H·Dh]
     product, so db is a column sum of a 2D array. Added to [B, T, H, Dh], db reduced two leading axes of
     a 4D array, which in the tiny CLIP step XLA:CPU rewrote into 4D reduce-windows that ran at under
     1 GB/s (101 ms of the step's 1.27 s of thread time for 24 such sums). In-rank 2 (the output
     projection) too. Checked here: the gradients, and that every sum reduces into one flat axis."""
     import re
 
-    import mmjax.layers.linear as lin
-    monkeypatch.setattr(lin, "FLATTEN_ROWS", True)
     x = jax.random.normal(jax.random.key(0), (40, 48, 16))  # both row axes > 32: XLA's tree reduction
     for layer, xin in ((DenseGeneral((4, 12), ("embed", "heads", "head_dim")), x),
                        (DenseGeneral(16, ("heads", "head_dim", "embed"), in_rank=2), x.reshape(40, 48, 4, 4))):
@@ -318,11 +258,11 @@ def test_dense_with_head_axes_sums_its_bias_gradient_over_a_2d_array(monkeypatch
         sums = [line for line in hlo.splitlines() if re.search(r" (reduce|reduce-window)\(", line)]
         assert sums and all(re.search(r"= f32\[\d+\]\{0\} reduce", line) for line in sums), sums  # into [H·Dh]
 
-def _dense_grads(flatten: bool, monkeypatch):
-    """Grads of sum(tanh(x · W + b)) for x [B, T, D] through DenseGeneral, and the compiled HLO."""
-    import mmjax.layers.linear as lin
-    monkeypatch.setattr(lin, "FLATTEN_ROWS", flatten)
-    layer = DenseGeneral(48, ("embed", "mlp"))
+def _dense_grads(flatten: bool):
+    """Grads of sum(tanh(x · W + b)) for x [B, T, D] through DenseGeneral, and the compiled HLO; flatten:
+    the CPU layout of mmjax.ops (OpsPolicy cpu_kernels) or XLA's dot_general as it is."""
+    from mmjax.ops import OpsPolicy
+    layer = DenseGeneral(48, ("embed", "mlp"), ops=OpsPolicy(cpu_kernels=flatten))
     x = jax.random.normal(jax.random.key(0), (4, 24, 16))
     params = layer.init(jax.random.key(1), x)
     f = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(layer.apply(p, x)))))
@@ -331,10 +271,10 @@ def _dense_grads(flatten: bool, monkeypatch):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason=f"inspects XLA:CPU's dot canonicalisation; this backend is {jax.default_backend()}")
-def test_dense_flattens_rows_so_the_kernel_gradient_needs_no_transposed_copy(monkeypatch):
+def test_dense_flattens_rows_so_the_kernel_gradient_needs_no_transposed_copy():
     import re
-    params, x, flat, flat_hlo = _dense_grads(True, monkeypatch)
-    _, _, nested, nested_hlo = _dense_grads(False, monkeypatch)
+    params, x, flat, flat_hlo = _dense_grads(True)
+    _, _, nested, nested_hlo = _dense_grads(False)
     xn = np.asarray(x, np.float64).reshape(-1, 16)
     dy = 1 - np.tanh(xn @ np.asarray(nn.unbox(params)["params"]["kernel"])) ** 2  # the bias is zero at init
     for grads in (flat, nested):
@@ -343,31 +283,5 @@ def test_dense_flattens_rows_so_the_kernel_gradient_needs_no_transposed_copy(mon
         np.testing.assert_allclose(g["bias"], dy.sum(0), rtol=1e-5, atol=1e-5)
     # dy [4, 24, 48] transposed to [48, 96] (or [48, 4, 24]) for the kernel-gradient dot.
     copy = re.compile(r"= f32\[48,(96|4,24)\]\{[\d,]+\} (fusion|copy|transpose)\(")
-    assert copy.search(nested_hlo), "XLA:CPU no longer copies dy for a two-axis contraction: FLATTEN_ROWS may go"
+    assert copy.search(nested_hlo), "XLA:CPU no longer copies dy for a two-axis contraction: dense_rows may go"
     assert not copy.search(flat_hlo), [line for line in flat_hlo.splitlines() if copy.search(line)]
-
-
-@pytest.mark.parametrize("kv_heads,use_bias", [(4, True), (2, False)])
-def test_fused_qkv_projection_equals_three_projections(monkeypatch, kv_heads, use_bias):
-    """On the CPU, self-attention multiplies by Wq, Wk, Wv side by side in one dot; the params stay three
-    layers' (query/key/value kernel and bias), and outputs and gradients equal the separate products."""
-    import re
-
-    import mmjax.layers.attention as la
-    layer = Attention(num_heads=4, num_kv_heads=kv_heads, use_bias=use_bias, implementation="xla")
-    x = jax.random.normal(jax.random.key(0), (2, 9, 32))
-    params = layer.init(jax.random.key(1), x)
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # biases ≠ 0
-    results = {}
-    for fused in (True, False):
-        monkeypatch.setattr(la, "flatten_rows_on", lambda fused=fused: fused)
-        f = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), argnums=(0, 1)))
-        results[fused] = f(params, x), f.lower(params, x).compile().as_text()
-    (fused_val, fused_grads), fused_hlo = results[True]
-    (val, grads), _ = results[False]
-    np.testing.assert_allclose(fused_val, val, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert jax.tree.structure(fused_grads) == jax.tree.structure(grads)
-    width = (4 + 2 * kv_heads) * 8
-    assert re.search(rf"= f32\[18,{width}\]\S* (dot|fusion)\(", fused_hlo), f"no [18, {width}] product"

@@ -78,7 +78,7 @@ def from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
             source: str = "checkpoint", **options) -> tuple[nn.Module, dict]:
     """In-memory import: an HF config dict and its tensors {key: array} → (model, params).
 
-    options: fields of LoadOptions (scan_layers, remat, dtype, param_dtype, attention_impl).
+    options: fields of LoadOptions (scan_layers, remat, dtype, param_dtype, ops).
     Returns params as a plain tree of jax arrays, in the scanned layout if scan_layers=True.
     """
     opts = _options(options)
@@ -101,13 +101,14 @@ def load_pretrained(path: str | os.PathLike, **options) -> tuple[nn.Module, dict
 
     Args:
       path: the directory.
-      **options: LoadOptions fields: scan_layers (bool), remat, dtype, param_dtype, attention_impl.
+      **options: LoadOptions fields: scan_layers (bool), remat, dtype, param_dtype, ops.
     Returns:
       (model, params): a Flax module whose config keeps the checkpoint's activation, norm eps and
       sizes, and its params (plain tree of jax arrays) for `model.apply({"params": params}, x)`.
     Raises:
-      FileNotFoundError (no config.json / no weights), ConversionError (pickled weights only,
-      unknown family or activation, ...), KeyDiffError (tensors do not fit the model).
+      FileNotFoundError (no config.json / no weights), ConversionError (pickled weights only, a
+      weights file that is not valid safetensors (named), unknown family or activation, ...),
+      KeyDiffError (tensors do not fit the model).
     """
     hf_config = hf_io.read_config(path)
     find_family(hf_config, where=str(Path(path) / hf_io.CONFIG))  # fail on the family before reading GBs

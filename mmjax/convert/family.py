@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection
-from typing import Any, Literal
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,6 +18,7 @@ import jax
 from mmjax.config import config
 from mmjax.convert.rules import DEFAULT_IGNORE, ConversionError, Rule
 from mmjax.layers.transformer import RematPolicy
+from mmjax.ops import OpsPolicy
 
 
 @config
@@ -28,7 +29,7 @@ class LoadOptions:
     remat: RematPolicy = "none"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # the loaded params are cast to this
-    attention_impl: Literal["xla", "cudnn"] | None = None
+    ops: OpsPolicy = OpsPolicy()  # which kernels run (mmjax.ops)
 
 
 @dataclasses.dataclass(frozen=True)

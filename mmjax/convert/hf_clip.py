@@ -187,7 +187,7 @@ def _encoder(width, depth, heads, mlp_dim, activation, eps, options: LoadOptions
                              activation=activation, norm="layernorm", norm_eps=float(eps), use_bias=True,
                              final_norm=True, scan_layers=options.scan_layers, remat=options.remat,
                              dtype=options.dtype, param_dtype=options.param_dtype,
-                             attention_impl=options.attention_impl)
+                             ops=options.ops)
 
 
 # Sub-config defaults of transformers' CLIP{Vision,Text}Config and Siglip{Vision,Text}Config.
@@ -368,7 +368,7 @@ def load_openclip_state_dict(path: str | os.PathLike | Mapping[str, np.ndarray],
       vision_heads / text_heads: head counts (default width // 64, open_clip's head width).
       eos_id: None → pool at argmax(ids) (OpenAI's EOT has the highest id); else the first eos_id.
     Sizes (width, depth, mlp, patch, image size, vocab, context length, embed dim) come from shapes.
-    options: LoadOptions fields (scan_layers, remat, dtype, param_dtype, attention_impl).
+    options: LoadOptions fields (scan_layers, remat, dtype, param_dtype, ops).
     """
     from mmjax.convert.core import _expected_params, _options
     opts = _options(options)

@@ -122,7 +122,7 @@ def lm_config_from_hf(hf: dict, options: LoadOptions) -> LMConfig:
         head_dim=None if head_dim * heads == width else head_dim, mlp_dim=int(get("intermediate_size")),
         activation="swiglu", norm="rmsnorm", norm_eps=float(get("rms_norm_eps")), use_bias=False,
         rope_base=theta, final_norm=True, scan_layers=options.scan_layers, remat=options.remat,
-        dtype=options.dtype, param_dtype=options.param_dtype, attention_impl=options.attention_impl)
+        dtype=options.dtype, param_dtype=options.param_dtype, ops=options.ops)
     return LMConfig(vocab_size=int(get("vocab_size")), max_len=int(get("max_position_embeddings")),
                     encoder=encoder, tie_embeddings=bool(get("tie_word_embeddings")))
 

@@ -186,7 +186,7 @@ class HFViT(Family):
             mlp_dim=int(get("intermediate_size")), activation=activation_from_hf(get("hidden_act")),
             norm="layernorm", norm_eps=float(get("layer_norm_eps")), use_bias=True, final_norm=True,
             scan_layers=options.scan_layers, remat=options.remat, dtype=options.dtype,
-            param_dtype=options.param_dtype, attention_impl=options.attention_impl)
+            param_dtype=options.param_dtype, ops=options.ops)
         cfg = ViTConfig(
             image_size=_square(get("image_size"), "image_size"), channels=int(get("num_channels")),
             patch_size=_square(get("patch_size"), "patch_size"), encoder=encoder, pool="cls",

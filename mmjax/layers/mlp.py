@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers.linear import DenseGeneral
+from mmjax.ops import OpsPolicy
 from mmjax.sharding import constrain
 
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "swiglu", "geglu"]
@@ -55,6 +56,7 @@ class Mlp(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    ops: OpsPolicy = OpsPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -63,7 +65,8 @@ class Mlp(nn.Module):
                              f"{sorted(ACTIVATIONS) + sorted(GATED)}")
         d = x.shape[-1]
         dense = lambda f, axes, name: DenseGeneral(
-            f, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            f, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, ops=self.ops,
+            name=name)
         h = dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x)
         if self.activation in GATED:
             gate = dense(self.hidden_dim, ("embed", "mlp"), "gate")(x)

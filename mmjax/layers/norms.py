@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.kernels import norm as cpu_norm
+from mmjax import ops
+from mmjax.ops import OpsPolicy
 
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -17,7 +18,6 @@ class Norm(nn.Module):
     """LayerNorm: (x - mean) / sqrt(var + eps) * scale + bias.  RMSNorm: x / sqrt(mean(x²) + eps) * scale.
 
     Statistics are taken in float32 (bf16 variance is too coarse), the result is cast back to `dtype`.
-    On the CPU backend (one device, at least 64 rows) mmjax's native kernel computes it (`mmjax.kernels.norm`).
     """
 
     kind: NormKind = "layernorm"
@@ -26,6 +26,7 @@ class Norm(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     axis_name: str = "norm"
+    ops: OpsPolicy = OpsPolicy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,17 +40,5 @@ class Norm(nn.Module):
         if self.use_bias and not rms:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
                               (d,), self.param_dtype).astype(jnp.float32)
-        xf = x.astype(jnp.float32)
-        if cpu_norm.use_cpu_norm(xf):
-            # The native CPU kernel (mmjax/kernels/norm.py): the same values, a one-pass backward.
-            return cpu_norm.cpu_norm(xf, scale, bias, eps=self.eps, rms=rms).astype(self.dtype)
-        if rms:
-            y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        else:
-            mean = jnp.mean(xf, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-            y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * scale
-        if bias is not None:
-            y = y + bias
+        y = ops.norm(x.astype(jnp.float32), scale, bias, eps=self.eps, rms=rms, policy=self.ops)
         return y.astype(self.dtype)

@@ -15,23 +15,6 @@ as aux["cache"]. The stack's cache has the layout of its params:
 (head-major: the layout the cached attention matmuls read without a per-step transpose).
 
 `init_kv_cache(cfg, batch, max_len)` makes a zero one and `kv_cache_logical_axes(cfg)` names its axes.
-
-Fusion barriers (XLA:CPU). XLA's CPU fusion copies a cheap element-wise producer into every consumer
-that reads it. In the backward pass of an unrolled pre-LN stack the residual stream's cotangent is a
-chain of adds of every later block's LayerNorm-backward terms; fused transitively, each block's
-consumers recomputed the chain from the top: one fusion for block 2 of the ViT-S/16 image tower read
-183 operands, and such fusions took 8.0 s of the step's 24 s of thread time (the S/16 CLIP train
-step, batch 16, 2-core EPYC). `jax.lax.optimization_barrier` cannot stop it: XLA:CPU expands
-barriers away before fusion. So, on the CPU backend and without a KV cache, each residual add's
-output passes through `fusion_barrier`, which makes XLA materialise its cotangent. Medians of that
-step against HF's with the variants alternated in one process (PyTorch's speed = 1): 0.43 → 0.78
-(S/16, scan_layers off); tiny CLIP 0.93 → 1.04 (`mmjax bench`, each side in its own process: S/16
-0.47 → 0.78, tiny 0.91).
-
-Ordering (XLA:CPU). The CPU runtime runs independent ops at the same time while each matmul also
-splits itself over every core, so two independent towers in one step contend for the cores.
-`after(x, *deps)` makes x wait for deps through the same kind of conditional; CLIP runs its text
-tower, then its image tower (see `after` for the figures).
 """
 
 from __future__ import annotations
@@ -44,11 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import config
-from mmjax.kernels import norm as cpu_norm
 from mmjax.layers.attention import CACHE_AXES, Attention
-from mmjax.layers.barriers import materialize as _materialize
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
+from mmjax.ops import OpsPolicy
 from mmjax.sharding import constrain
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -83,68 +65,12 @@ class TransformerConfig:
     qk_norm: Literal["layernorm", "rmsnorm"] | None = None
     rope_base: float | None = None
     dropout: float = 0.0
-    attention_impl: Literal["xla", "cudnn"] | None = None
     final_norm: bool = True
     scan_layers: bool = False
     remat: RematPolicy = "none"
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "float32"  # compute dtype (bf16: mixed precision; norms, softmax and losses stay fp32)
     param_dtype: str = "float32"
-
-
-# Whether blocks put a fusion_barrier after each residual add and CLIP orders its towers with `after`
-# (module docstring); None: on the CPU backend.
-FUSION_BARRIERS: bool | None = None
-
-
-def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
-    """x, available only once every array in `deps` is computed; deps' values are not used and get
-    no gradient. Orders two independent computations that XLA would otherwise run concurrently.
-
-    A tool for XLA:CPU: its runtime runs independent ops at the same time, and each matmul splits
-    itself over all cores too, so two concurrent towers contend for the cores. The CLIP train step
-    runs its text tower, then its image tower (`CLIP.__call__`, on the CPU backend only): S/16,
-    scan_layers off, 2-core EPYC, each side in its own process, medians of 8 alternated steps against
-    HF's step (PyTorch's speed = 1): 0.81 → 0.89 (8.29 → 7.53 s); an earlier run that expressed the
-    dependency as a multiply by zero gave 0.87 → 0.96. The tiny CLIP step did not change.
-    """
-    return _materialize(x, tuple(jax.lax.stop_gradient(d) for d in deps))
-
-
-@jax.custom_vjp
-def fusion_barrier(x: jax.Array) -> jax.Array:
-    """The identity; in the backward pass XLA computes its cotangent into a buffer of its own instead
-    of fusing the cotangent's producers into (and recomputing them in) every consumer.
-
-    A tool for XLA:CPU (module docstring); on GPUs a conditional reads its predicate on the host, so
-    the stack only uses it on the CPU backend. The forward value is left to XLA: materialising it
-    too measured about the same for S/16 (0.81 against 0.78 of PyTorch's speed, within the noise)
-    and worse for the tiny CLIP (0.94 against 1.04), variants alternated in one process.
-    """
-    return x
-
-
-def _fusion_barrier_fwd(x):
-    return x, None
-
-
-def _fusion_barrier_bwd(_, g):
-    return (_materialize(g),)
-
-
-fusion_barrier.defvjp(_fusion_barrier_fwd, _fusion_barrier_bwd)
-
-
-def cpu_barriers_on() -> bool:
-    """Whether the stack and the towers use `fusion_barrier` and `after` (FUSION_BARRIERS; None: on the
-    CPU backend where the norm kernel is not in use; on GPUs a conditional reads its predicate on the
-    host). The chains the barriers cut run through XLA's own LayerNorm backward; the CPU norm kernel
-    (mmjax/kernels/norm.py) cuts them as a custom call does, and with it the barriers cost time instead:
-    CLIP train step, variants alternated against HF's in their own processes (2-core Xeon, AVX-512),
-    tiny 603 → 591 and 788 → 744 ms, S/16 4.13 → 3.98 s."""
-    if FUSION_BARRIERS is not None:
-        return bool(FUSION_BARRIERS)
-    norm_kernel = cpu_norm.use_cpu_norm(jax.ShapeDtypeStruct((cpu_norm.MIN_ROWS, 1), jnp.float32))
-    return jax.default_backend() == "cpu" and not norm_kernel
+    ops: OpsPolicy = OpsPolicy()  # which kernels run (mmjax.ops): part of the config, so of every trace
 
 
 class Block(nn.Module):
@@ -155,21 +81,18 @@ class Block(nn.Module):
         """x [B, T, D] → [B, T, D]; with a layer cache ({"k", "v"}) → ([B, T, D], new cache)."""
         c = self.cfg
         dt, pdt = to_dtype(c.dtype), to_dtype(c.param_dtype)
-        norm = lambda name: Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, name=name)
+        norm = lambda name: Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, ops=c.ops, name=name)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         y = Attention(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                      use_bias=c.use_bias, implementation=c.attention_impl, rope_base=c.rope_base,
-                      qk_norm=c.qk_norm, norm_eps=c.norm_eps, dtype=dt, param_dtype=pdt,
-                      name="attn")(norm("norm1")(x), mask=mask, positions=positions,
+                      use_bias=c.use_bias, rope_base=c.rope_base, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+                      dtype=dt, param_dtype=pdt, ops=c.ops, name="attn")(norm("norm1")(x), mask=mask, positions=positions,
                                    deterministic=deterministic, cache=cache, cache_index=cache_index)
         if cache is not None:
             y, cache = y
-        # Not when decoding (a cache): one token's step has no long chains, and each barrier is a thunk.
-        barrier = fusion_barrier if cache is None and cpu_barriers_on() else (lambda v: v)
-        x = barrier(x + nn.Dropout(c.dropout)(y, deterministic=deterministic))
+        x = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)
         y = Mlp(c.mlp_dim or 4 * c.width, c.activation, use_bias=c.use_bias, dropout=c.dropout,
-                dtype=dt, param_dtype=pdt, name="mlp")(norm("norm2")(x), deterministic=deterministic)
-        x = barrier(x + nn.Dropout(c.dropout)(y, deterministic=deterministic))
+                dtype=dt, param_dtype=pdt, ops=c.ops, name="mlp")(norm("norm2")(x), deterministic=deterministic)
+        x = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         return x if cache is None else (x, cache)
 
@@ -232,7 +155,7 @@ class Transformer(nn.Module):
             aux["cache"] = new_cache
         if c.final_norm:
             x = Norm(c.norm, c.norm_eps, dtype=to_dtype(c.dtype), param_dtype=to_dtype(c.param_dtype),
-                     name="final_norm")(x)
+                     ops=c.ops, name="final_norm")(x)
         return x, aux
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mmjax.config import config
 from mmjax.layers import DenseGeneral
-from mmjax.layers.transformer import after, cpu_barriers_on, to_dtype
+from mmjax.layers.transformer import to_dtype
 from mmjax.models.text import TextConfig, TextTransformer
 from mmjax.models.vit import ViT, ViTConfig
 
@@ -54,10 +54,11 @@ class CLIP(nn.Module):
         dt = to_dtype(c.vision.encoder.dtype)
         if c.vision_projection:
             self.vision_proj = DenseGeneral(c.embed_dim, ("embed", "mlp"), use_bias=c.vision_projection_bias,
-                                            dtype=dt, name="vision_proj")
+                                            dtype=dt, ops=c.vision.encoder.ops, name="vision_proj")
         if c.text_projection:
             self.text_proj = DenseGeneral(c.embed_dim, ("embed", "mlp"), use_bias=c.text_projection_bias,
-                                          dtype=dt, name="text_proj")
+                                          dtype=to_dtype(c.text.encoder.dtype), ops=c.text.encoder.ops,
+                                          name="text_proj")
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32)
         if c.logit_bias_init is not None:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
@@ -80,10 +81,8 @@ class CLIP(nn.Module):
     def __call__(self, images, ids, *, valid=None, train: bool = False):
         """→ (logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img], aux) with aux holding
         the normalised embeddings "image" / "text" and the scalars "temperature" / "bias"."""
-        zt = l2_normalize(self.encode_text(ids, valid=valid, train=train))
-        if cpu_barriers_on():  # the towers one after the other: run concurrently, they contend for the cores
-            images = after(images, zt)
         zi = l2_normalize(self.encode_image(images, train=train))
+        zt = l2_normalize(self.encode_text(ids, valid=valid, train=train))
         t, b = self.temperature_and_bias()
         logits = t * zi @ zt.T + b
         return logits, logits.T, {"image": zi, "text": zt, "temperature": t, "bias": b}

@@ -63,8 +63,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax.config import config
-from mmjax.layers import DenseGeneral, Transformer, TransformerConfig, make_attention_mask
-from mmjax.layers.linear import DECODE, weight_major_dot
+from mmjax import ops
+from mmjax.layers import DenseGeneral, Transformer, TransformerConfig
+from mmjax.ops import AttentionMask
 from mmjax.layers.transformer import init_kv_cache, kv_cache_logical_axes, to_dtype
 from mmjax.models.text import check_token_ids
 from mmjax.sharding import constrain, logical_to_spec
@@ -134,7 +135,7 @@ class LM(nn.Module):
         self.encoder = Transformer(e)
         if not c.tie_embeddings:
             self.head = DenseGeneral(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=to_dtype(e.dtype),
-                                     param_dtype=pdt, kernel_init=nn.initializers.normal(0.02))
+                                     param_dtype=pdt, kernel_init=nn.initializers.normal(0.02), ops=e.ops)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token ids [B, T] → embeddings [B, T, D] (compute dtype)."""
@@ -144,12 +145,10 @@ class LM(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [B, T, D] → logits [B, T, V] (the head, or embeddingᵀ if tied)."""
-        dt = to_dtype(self.cfg.encoder.dtype)
-        if self.cfg.tie_embeddings and not self.scope.is_collection_empty(DECODE):
-            # Decoding (see mmjax.layers.linear): the embedding [V, D] is already output-major.
-            out = weight_major_dot(self.token_embedding.astype(dt), hidden.astype(dt), 1)
-        elif self.cfg.tie_embeddings:
-            out = jnp.einsum("btd,vd->btv", hidden.astype(dt), self.token_embedding.astype(dt))
+        e = self.cfg.encoder
+        dt = to_dtype(e.dtype)
+        if self.cfg.tie_embeddings:  # the embedding [V, D] is the head, stored output-major
+            out = ops.dense_output_major(hidden.astype(dt), self.token_embedding.astype(dt), policy=e.ops)
         else:
             out = self.head(hidden)
         return constrain(out, ("act_batch", "act_len", "act_vocab"))
@@ -182,7 +181,7 @@ class LM(nn.Module):
                 raise ValueError(f"kv_valid must be [B, {'S' if cache is not None else 'T'}] = {(b, kv_len)} "
                                  f"({where}), got {kv_valid.shape}")
             kv_valid = kv_valid.astype(bool)
-        mask = make_attention_mask(t, kv_len, causal=True, prefix_len=prefix_len, kv_valid=kv_valid, q_offset=offset)
+        mask = AttentionMask(causal=True, prefix_len=prefix_len, kv_valid=kv_valid, q_offset=offset)
         hidden, aux = self.encoder(x, mask=mask, positions=positions, deterministic=not train,
                                    return_blocks=return_blocks, cache=cache, cache_index=cache_index)
         aux["hidden"] = hidden

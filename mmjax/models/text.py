@@ -16,9 +16,11 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.config import config
-from mmjax.layers import LearnedPosEmb, Transformer, TransformerConfig, make_attention_mask
+from mmjax.layers import LearnedPosEmb, Transformer, TransformerConfig
+from mmjax.ops import AttentionMask
 from mmjax.layers.transformer import to_dtype
 from mmjax.models.vit import MapHead
 from mmjax.sharding import constrain
@@ -51,8 +53,10 @@ def check_token_ids(ids, vocab_size: int, max_len: int) -> None:
                          "truncate it in the tokenizer (max_text_len) or use a model with longer positions")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"text ids must be integers, got {ids.dtype}")
-    if not isinstance(ids, jax.core.Tracer):
-        lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    if not isinstance(ids, jax.core.Tracer) and ids.size:
+        # numpy, not jnp: under a jit that captured the ids as a constant, jnp.min would be traced.
+        values = np.asarray(ids)
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"token ids out of range [0, {vocab_size}): min {lo}, max {hi}; the "
                              "tokenizer and the model's vocabulary do not match")
@@ -74,8 +78,7 @@ class TextTransformer(nn.Module):
         elif c.posemb != "none":
             raise ValueError(f"unknown text posemb {c.posemb!r}; expected 'learned' or 'none'")
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        length = ids.shape[1]
-        mask = make_attention_mask(length, causal=c.causal, kv_valid=valid)
+        mask = AttentionMask(causal=c.causal, kv_valid=None if valid is None else jnp.asarray(valid, bool))
         x, aux = Transformer(e, name="encoder")(x, mask=mask, deterministic=not train, return_blocks=return_blocks)
         aux["tokens"] = x
         b = jnp.arange(ids.shape[0])

@@ -96,10 +96,10 @@ class MapHead(nn.Module):
                                                                  (None, None, "embed")),
                            (1, 1, x.shape[-1]), pdt)
         probe = jnp.broadcast_to(probe.astype(dt), (x.shape[0], 1, x.shape[-1]))
-        y = Attention(num_heads=c.num_heads, use_bias=True, dtype=dt, param_dtype=pdt,
-                      implementation=c.attention_impl, name="attn")(probe, context=x)
-        z = Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, name="norm")(y)
-        y = y + Mlp(c.mlp_dim or 4 * c.width, c.activation, dtype=dt, param_dtype=pdt, name="mlp")(z)
+        y = Attention(num_heads=c.num_heads, use_bias=True, dtype=dt, param_dtype=pdt, ops=c.ops,
+                      name="attn")(probe, context=x)
+        z = Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, ops=c.ops, name="norm")(y)
+        y = y + Mlp(c.mlp_dim or 4 * c.width, c.activation, dtype=dt, param_dtype=pdt, ops=c.ops, name="mlp")(z)
         return y[:, 0]
 
 
@@ -151,7 +151,7 @@ class ViT(nn.Module):
         if c.posemb == "learned":
             x = LearnedPosEmb(x.shape[1], param_dtype=pdt, name="posemb")(x)
         if c.pre_norm:
-            x = Norm(e.norm, e.norm_eps, dtype=dt, param_dtype=pdt, name="pre_norm")(x)
+            x = Norm(e.norm, e.norm_eps, dtype=dt, param_dtype=pdt, ops=e.ops, name="pre_norm")(x)
         x = nn.Dropout(e.dropout)(x, deterministic=not train)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         x, enc_aux = Transformer(e, name="encoder")(x, deterministic=not train, return_blocks=return_blocks)
@@ -165,14 +165,14 @@ class ViT(nn.Module):
             x = MapHead(e, name="map_head")(x)
         if c.representation_size is not None:
             x = jnp.tanh(DenseGeneral(c.representation_size, ("embed", "mlp"), dtype=dt, param_dtype=pdt,
-                                      name="pre_logits")(x))
+                                      ops=e.ops, name="pre_logits")(x))
         aux["pre_logits"] = x
         if c.num_classes is not None:
             if c.pool == "none":
                 raise ValueError("a classification head needs pooling (pool='none' was given)")
             init = nn.initializers.zeros if c.head_zero_init else None
             x = DenseGeneral(c.num_classes, ("embed", "classes"), dtype=dt, param_dtype=pdt,
-                             kernel_init=init, name="head")(x)
+                             kernel_init=init, ops=e.ops, name="head")(x)
             aux["logits"] = x
         return x, aux
 

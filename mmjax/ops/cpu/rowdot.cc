@@ -13,7 +13,7 @@
 //
 // Threads: chunks of wt rows are spread over XLA's intra-op pool (mmjax::parallel_for in common.h).
 //
-// Built by mmjax/kernels/__init__.py with -mavx2 -mfma; used only where the CPU has both.
+// Built by mmjax/ops/cpu/library.py with -mavx2 -mfma; used only where the CPU has both.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -1,9 +1,9 @@
-"""The native CPU kernels (mmjax/kernels). The decode kernel: its products against float64 numpy over
+"""The native CPU kernels (mmjax/ops/cpu). The decode kernel: its products against float64 numpy over
 shapes that reach every code path (row groups of 1–4, weight-row tiles and their remainder, inputs not
-a multiple of 8, several chunks on two threads), its use by weight_major_dot, and its build errors.
+a multiple of 8, several chunks on two threads), its use by ops.dense_output_major, and its build errors.
 The attention kernel: values and gradients against jax.nn.dot_product_attention and the forward against
 float64 numpy, over masks (causal, padding with empty rows, per head), GQA/MQA and sizes off every
-block boundary; its use by the Attention layer."""
+block boundary; its use by the Attention layer. Which implementation runs is the layer's OpsPolicy."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import kernels
-from mmjax.layers.linear import weight_major_dot
+from mmjax import ops
+from mmjax.ops import OpsPolicy
+from mmjax.ops import cpu as kernels
+from mmjax.ops.cpu import library
 
 # Skipped only for a limit of the machine (no compiler, not x86-64 with AVX2/FMA); a kernel that fails
 # to build or load on a capable machine fails test_the_kernel_builds_where_the_machine_allows_it.
-LIMIT = kernels.machine_limit()
+LIMIT = library.machine_limit()
 needs_kernel = pytest.mark.skipif(LIMIT is not None, reason=f"the kernel cannot be built on this machine: {LIMIT}")
 
 
 @needs_kernel
 def test_the_kernel_builds_where_the_machine_allows_it():
-    assert kernels.rowdot_unavailable_reason() is None
+    library.load()
+    assert library.unavailable_reason() is None
 
 
 def _case(m, n, k, seed=0):
@@ -77,28 +80,26 @@ def test_rowdot_under_vmap_and_in_a_loop():
 
 
 @needs_kernel
-def test_weight_major_dot_uses_the_kernel_for_fp32_rows_and_xla_otherwise(monkeypatch):
+def test_dense_output_major_uses_the_kernel_for_a_few_fp32_rows_and_xla_otherwise():
     rng = np.random.default_rng(4)
-    w_t = rng.standard_normal((4, 6, 32), np.float32)  # [heads, head_dim, in]: two output axes
-    x = rng.standard_normal((2, 3, 32), np.float32)     # [B, T, in]: six rows
-    ref = np.einsum("hdk,btk->bthd", w_t.astype(np.float64), x.astype(np.float64))
+    w_t = rng.standard_normal((24, 32), np.float32)     # [N, K]
+    x = rng.standard_normal((2, 3, 32), np.float32)     # [B, T, K]: six rows
+    ref = np.einsum("nk,btk->btn", w_t.astype(np.float64), x.astype(np.float64))
 
-    def hlo():
-        return jax.jit(lambda w, a: weight_major_dot(w, a, 2)).lower(w_t, x).compile().as_text()
+    def hlo(w, a, policy=OpsPolicy()):
+        return jax.jit(lambda w, a: ops.dense_output_major(a, w, policy=policy)).lower(w, a).compile().as_text()
 
-    assert kernels.TARGET in hlo()
-    np.testing.assert_allclose(np.asarray(jax.jit(lambda w, a: weight_major_dot(w, a, 2))(w_t, x)), ref,
+    assert "mmjax_rowdot" in hlo(w_t, x)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda w, a: ops.dense_output_major(a, w))(w_t, x)), ref,
                                rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(kernels, "ROWDOT", False)
-    assert kernels.TARGET not in hlo()
-    monkeypatch.setattr(kernels, "ROWDOT", None)
-    with kernels.cpu_kernels_disabled():
-        assert kernels.TARGET not in hlo()
-    assert kernels.TARGET in hlo()
-    many = rng.standard_normal((kernels.ROWDOT_MAX_ROWS + 1, 32), np.float32)  # a prefill's rows: XLA's dot
-    assert kernels.TARGET not in jax.jit(lambda w, a: weight_major_dot(w, a, 2)).lower(w_t, many).as_text()
-    bf16 = jnp.asarray(w_t, jnp.bfloat16)
-    assert kernels.TARGET not in jax.jit(lambda w, a: weight_major_dot(w, a, 2)).lower(bf16, x).as_text()
+    assert "mmjax_rowdot" not in hlo(w_t, x, OpsPolicy(cpu_kernels=False))
+    many = rng.standard_normal((kernels.matmul.ROWDOT_MAX_ROWS + 1, 32), np.float32)  # a prefill's rows: XLA's dot
+    assert "mmjax_rowdot" not in hlo(w_t, many)
+    assert "mmjax_rowdot" not in hlo(jnp.asarray(w_t, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16))
+    if len(jax.devices()) >= 2:  # a custom call on a mesh would gather its operands onto every device
+        mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+        with jax.set_mesh(mesh):
+            assert "mmjax_rowdot" not in hlo(w_t, x)
 
 
 @needs_kernel
@@ -111,66 +112,69 @@ def test_rowdot_names_bad_operands():
 
 
 def test_build_names_a_missing_compiler(tmp_path):
-    with pytest.raises(kernels.KernelUnavailable, match="no C.. compiler 'no-such-compiler-mmjax'"):
-        kernels.build(tmp_path, cxx="no-such-compiler-mmjax")
+    with pytest.raises(library.KernelUnavailable, match="no C.. compiler 'no-such-compiler-mmjax'"):
+        library.build(tmp_path, cxx="no-such-compiler-mmjax")
     assert not list(tmp_path.iterdir())
 
 
 def test_build_names_a_failed_compile_and_leaves_no_partial_library(tmp_path):
-    with pytest.raises(kernels.KernelUnavailable, match=r"compiling rowdot.cc, attention.cc, norm.cc failed"):
-        kernels.build(tmp_path, cxx="false")  # runs, prints nothing, exits 1
+    with pytest.raises(library.KernelUnavailable, match=r"compiling rowdot.cc, attention.cc, norm.cc failed"):
+        library.build(tmp_path, cxx="false")  # runs, prints nothing, exits 1
     assert not list(tmp_path.iterdir())
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n")
-    assert kernels.cpu_has_avx2_fma(str(info))
+    assert library.cpu_has_avx2_fma(str(info))
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
-    assert not kernels.cpu_has_avx2_fma(str(info))
-    assert not kernels.cpu_has_avx2_fma(str(tmp_path / "missing"))
+    assert not library.cpu_has_avx2_fma(str(info))
+    assert not library.cpu_has_avx2_fma(str(tmp_path / "missing"))
 
 
 _FALLBACK = """
 import json, sys, warnings
 import numpy as np, jax
-from mmjax.layers.linear import weight_major_dot
+from mmjax import ops
+policy = ops.OpsPolicy(cpu_kernels={cpu_kernels})
 rng = np.random.default_rng(0)
 w, x = rng.standard_normal((5, 8), np.float32), rng.standard_normal((3, 8), np.float32)
 with warnings.catch_warnings(record=True) as rec:
     warnings.simplefilter("always")
-    f = jax.jit(lambda w, x: weight_major_dot(w, x, 1))
+    f = jax.jit(lambda w, x: ops.dense_output_major(x, w, policy=policy))
     y = np.asarray(f(w, x))
     hlo = f.lower(w, x).compile().as_text()
-    jax.jit(lambda w, x: 2 * weight_major_dot(w, x, 1))(w, x)  # a second trace: no second warning
+    jax.jit(lambda w, x: 2 * ops.dense_output_major(x, w, policy=policy))(w, x)  # a second trace: no second warning
 err = float(np.abs(y - x.astype(np.float64) @ w.astype(np.float64).T).max())
-print(json.dumps({"warnings": [str(r.message) for r in rec], "custom_call": "mmjax_rowdot" in hlo, "err": err}))
+print(json.dumps({{"warnings": [str(r.message) for r in rec], "custom_call": "mmjax_rowdot" in hlo, "err": err}}))
 """
 
 
-@pytest.mark.parametrize("env,warns", [({"CXX": "no-such-compiler-mmjax"}, True), ({"MMJAX_CPU_KERNELS": "0"}, False)])
-def test_without_the_kernel_decoding_uses_xla_and_says_why_once(tmp_path, env, warns):
+@pytest.mark.parametrize("env,cpu_kernels,warns", [({"CXX": "no-such-compiler-mmjax"}, True, True), ({}, False, False)])
+def test_without_the_kernel_decoding_uses_xla_and_says_why_once(tmp_path, env, cpu_kernels, warns):
     """A fresh process whose kernel cannot be built (no compiler) warns once, naming the reason, and
-    multiplies with XLA's dot; switched off by the user, it does the same without a warning."""
+    multiplies with XLA's dot; with OpsPolicy(cpu_kernels=False) it does the same without a warning."""
     import json
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "MMJAX_CACHE_DIR": str(tmp_path / "cache"), **env}
-    out = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    code = _FALLBACK.format(cpu_kernels=cpu_kernels)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert not res["custom_call"] and res["err"] < 1e-5
     if warns:
         (msg,) = res["warnings"]
-        assert "CPU decode kernel is unavailable (no C++ compiler 'no-such-compiler-mmjax'" in msg
-        assert "uses XLA's dot" in msg
+        assert "native CPU decode matmul kernel is unavailable (no C++ compiler 'no-such-compiler-mmjax'" in msg
+        assert "uses XLA's ops" in msg
     else:
         assert res["warnings"] == []
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 
-# --- softmax attention (attention.cc, mmjax.kernels.attention) ---------------------------------------
+# --- softmax attention (attention.cc, mmjax.ops.cpu.attention) ---------------------------------------
 
 def _attention_case(b, t, s, h, hkv, dh, mask_kind, seed=0):
     rng = np.random.default_rng(seed)
@@ -204,7 +208,7 @@ def _attention_case(b, t, s, h, hkv, dh, mask_kind, seed=0):
 def test_cpu_attention_matches_jax_values_and_gradients(b, t, s, h, hkv, dh, mask_kind):
     """Against jax.nn.dot_product_attention (XLA, fp32, the same scale and masking, K/V repeated over the
     groups), forward and all three gradients."""
-    from mmjax.kernels.attention import cpu_attention
+    from mmjax.ops.cpu import attention as cpu_attention
     q, k, v, mask = _attention_case(b, t, s, h, hkv, dh, mask_kind)
     g = h // hkv
 
@@ -225,7 +229,7 @@ def test_cpu_attention_matches_jax_values_and_gradients(b, t, s, h, hkv, dh, mas
 @needs_kernel
 def test_cpu_attention_against_float64_softmax():
     """The forward against float64 numpy from the equation, not only against XLA's fp32."""
-    from mmjax.kernels.attention import cpu_attention
+    from mmjax.ops.cpu import attention as cpu_attention
     q, k, v, mask = _attention_case(3, 40, 37, 2, 2, 16, "padding", seed=3)
     logits = np.einsum("bthd,bshd->bhts", q.astype(np.float64), k.astype(np.float64)) / 4.0
     logits = np.where(mask, logits, -0.7 * np.finfo(np.float32).max)
@@ -237,7 +241,7 @@ def test_cpu_attention_against_float64_softmax():
 
 @needs_kernel
 def test_cpu_attention_under_vmap_and_with_bad_operands():
-    from mmjax.kernels.attention import cpu_attention
+    from mmjax.ops.cpu import attention as cpu_attention
     q, k, v, _ = _attention_case(2, 9, 9, 2, 2, 8, None)
     stacked = jax.vmap(cpu_attention)(np.stack([q, 2 * q]), np.stack([k, k]), np.stack([v, -v]))
     np.testing.assert_allclose(stacked[1], -cpu_attention(2 * q, k, v), rtol=1e-6, atol=1e-6)
@@ -252,10 +256,10 @@ def test_cpu_attention_under_vmap_and_with_bad_operands():
 
 
 @needs_kernel
-def test_attention_layer_uses_the_kernel_on_one_cpu_device_only(monkeypatch):
+def test_attention_layer_uses_the_kernel_on_one_cpu_device_only():
     """Attention mixes with the kernel on one CPU device in fp32 (same values as XLA's path); with
-    implementation="xla", in bf16, with dropout, and under a mesh of several devices it does not."""
-    from mmjax.kernels import attention as ka
+    OpsPolicy(attention="xla") or cpu_kernels=False, in bf16, with dropout, and under a mesh of several
+    devices it does not."""
     from mmjax.layers.attention import Attention
     from mmjax.layers.masks import make_attention_mask
 
@@ -270,15 +274,13 @@ def test_attention_layer_uses_the_kernel_on_one_cpu_device_only(monkeypatch):
 
     out, text = compiled(Attention(num_heads=4))
     assert "mmjax_attention_fwd" in text
-    ref, ref_text = compiled(Attention(num_heads=4, implementation="xla"))
+    ref, ref_text = compiled(Attention(num_heads=4, ops=OpsPolicy(attention="xla")))
     assert "mmjax_attention" not in ref_text
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     assert "mmjax_attention" not in compiled(Attention(num_heads=4, dtype=jnp.bfloat16), jnp.bfloat16)[1]
     assert "mmjax_attention" not in compiled(Attention(num_heads=4, dropout=0.1), rngs={"dropout": jax.random.key(2)},
                                              deterministic=False)[1]
-    monkeypatch.setattr(ka, "ENABLED", False)
-    assert "mmjax_attention" not in compiled(Attention(num_heads=4))[1]
-    monkeypatch.setattr(ka, "ENABLED", None)
+    assert "mmjax_attention" not in compiled(Attention(num_heads=4, ops=OpsPolicy(cpu_kernels=False)))[1]
     if len(jax.devices()) >= 2:
         mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
         with jax.set_mesh(mesh):
@@ -332,8 +334,8 @@ def _cache_reference(q, k, v, mask):
     (1, 1, 1, 1, 1, 1, None),
 ])
 def test_cache_attention_matches_float64_and_grouped_attention(b, t, h, hkv, s, dh, mask_kind):
-    from mmjax.kernels.attention import cache_attention
-    from mmjax.layers.attention import grouped_attention
+    from mmjax.ops.cpu import cache_attention
+    from mmjax.ops.xla import grouped_attention
     q, k, v, mask = _cache_case(b, t, h, hkv, s, dh, mask_kind)
     out = jax.jit(cache_attention)(q, k, v, mask)
     np.testing.assert_allclose(out, _cache_reference(q, k, v, mask), rtol=1e-5, atol=2e-6)
@@ -351,7 +353,7 @@ def test_cache_attention_reads_only_the_slots_its_queries_may_see():
     """Slots outside [first, last] visible slot are never read: NaN there (a cache not written yet)
     leaves the output finite and equal to the attention over the visible slots alone, where a
     product with zero weights (XLA's path) would give NaN."""
-    from mmjax.kernels.attention import cache_attention
+    from mmjax.ops.cpu import cache_attention
     q, k, v, _ = _cache_case(4, 1, 4, 2, 32, 16, None, seed=5)
     lo, hi = np.array([0, 3, 5, 1]), np.array([20, 12, 6, 32])
     slots = np.arange(32)
@@ -367,7 +369,7 @@ def test_cache_attention_reads_only_the_slots_its_queries_may_see():
 
 @needs_kernel
 def test_cache_attention_names_bad_operands():
-    from mmjax.kernels.attention import cache_attention
+    from mmjax.ops.cpu import cache_attention
     q, k, v, mask = _cache_case(2, 1, 4, 2, 9, 8, "decode")
     with pytest.raises(ValueError, match=r"k, v \[B, Hkv, S, Dh\]"):
         cache_attention(q, k[:, :, :, :4], v, mask)
@@ -380,10 +382,9 @@ def test_cache_attention_names_bad_operands():
 
 
 @needs_kernel
-def test_attention_layer_uses_the_cache_kernel_when_decoding(monkeypatch):
+def test_attention_layer_uses_the_cache_kernel_when_decoding():
     """With a KV cache, Attention mixes with the cache kernel on one CPU device in fp32, with the values
-    of implementation="xla" (grouped_attention), at prefill and at a decoding step."""
-    from mmjax.kernels import attention as ka
+    of OpsPolicy(attention="xla") (grouped_attention), at prefill and at a decoding step."""
     from mmjax.layers.attention import Attention
     from mmjax.layers.masks import make_attention_mask
 
@@ -402,13 +403,14 @@ def test_attention_layer_uses_the_cache_kernel_when_decoding(monkeypatch):
         return run(params, x, cache), run.lower(params, x, cache).as_text()
 
     (a1, a2), text = steps(Attention(num_heads=4, num_kv_heads=2, rope_base=10_000.0))
-    assert text.count(kernels.CACHE_ATTENTION) == 2
-    (b1, b2), ref_text = steps(Attention(num_heads=4, num_kv_heads=2, rope_base=10_000.0, implementation="xla"))
-    assert kernels.CACHE_ATTENTION not in ref_text
+    assert text.count(library.CACHE_ATTENTION) == 2
+    (b1, b2), ref_text = steps(Attention(num_heads=4, num_kv_heads=2, rope_base=10_000.0,
+                                         ops=OpsPolicy(attention="xla")))
+    assert library.CACHE_ATTENTION not in ref_text
     np.testing.assert_allclose(a1, b1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a2, b2, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(ka, "ENABLED", False)
-    assert kernels.CACHE_ATTENTION not in steps(Attention(num_heads=4, num_kv_heads=2))[1]
+    assert library.CACHE_ATTENTION not in steps(Attention(num_heads=4, num_kv_heads=2,
+                                                          ops=OpsPolicy(cpu_kernels=False)))[1]
 
 
 # --- transposes for the decode path's output-major kernels (rowdot.cc: mmjax_transpose) -------------
@@ -429,20 +431,18 @@ def test_transpose_names_bad_operands():
 
 
 @needs_kernel
-def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu(monkeypatch):
-    from mmjax.layers.linear import output_major
-    w = np.random.default_rng(1).standard_normal((6, 4, 5)).astype(np.float32)  # [in..., out...], in_rank 1
+def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu():
+    w = np.random.default_rng(1).standard_normal((6, 4, 5)).astype(np.float32)  # [in..., out...]
     for in_rank in (1, 2):
-        want = np.transpose(w, tuple(range(in_rank, 3)) + tuple(range(in_rank)))
-        np.testing.assert_array_equal(np.asarray(jax.jit(lambda w, r=in_rank: output_major(w, r))(w)), want)
-    hlo = lambda w: jax.jit(lambda w: output_major(w, 1)).lower(w).as_text()
-    assert kernels.TRANSPOSE in hlo(w)
-    assert kernels.TRANSPOSE not in hlo(jnp.asarray(w, jnp.bfloat16))
-    monkeypatch.setattr(kernels, "ROWDOT", False)
-    assert kernels.TRANSPOSE not in hlo(w)
+        want = w.reshape(int(np.prod(w.shape[:in_rank])), -1).T
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda w, r=in_rank: ops.output_major(w, r))(w)), want)
+    hlo = lambda w, policy=OpsPolicy(): jax.jit(lambda w: ops.output_major(w, 1, policy=policy)).lower(w).as_text()
+    assert library.TRANSPOSE in hlo(w)
+    assert library.TRANSPOSE not in hlo(jnp.asarray(w, jnp.bfloat16))
+    assert library.TRANSPOSE not in hlo(w, OpsPolicy(cpu_kernels=False))
 
 
-# --- LayerNorm / RMSNorm (norm.cc, mmjax.kernels.norm) ---------------------------------------------
+# --- LayerNorm / RMSNorm (norm.cc, mmjax.ops.cpu.norm) ---------------------------------------------
 
 @needs_kernel
 @pytest.mark.parametrize("shape,rms,bias", [
@@ -451,7 +451,7 @@ def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu(monkeypatch)
 ])
 def test_cpu_norm_matches_the_equation_values_and_gradients(shape, rms, bias):
     """Against the float64 equation (forward) and jax.grad of the same equation in fp32 (backward)."""
-    from mmjax.kernels.norm import cpu_norm
+    from mmjax.ops.cpu import norm as cpu_norm
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, np.float32) * 3 + 1
     d = shape[-1]
@@ -477,8 +477,7 @@ def test_cpu_norm_matches_the_equation_values_and_gradients(shape, rms, bias):
 
 
 @needs_kernel
-def test_norm_layer_uses_the_kernel_for_many_rows_and_names_bad_operands(monkeypatch):
-    from mmjax.kernels import norm as kn
+def test_norm_layer_uses_the_kernel_for_many_rows_and_names_bad_operands():
     from mmjax.layers.norms import Norm
     x = jax.random.normal(jax.random.key(0), (4, 20, 16))
 
@@ -489,30 +488,28 @@ def test_norm_layer_uses_the_kernel_for_many_rows_and_names_bad_operands(monkeyp
 
     for kind in ("layernorm", "rmsnorm"):
         out, text = run(Norm(kind))
-        assert kernels.NORM_FWD in text
-        monkeypatch.setattr(kn, "ENABLED", False)
-        ref, ref_text = run(Norm(kind))
-        monkeypatch.setattr(kn, "ENABLED", None)
-        assert kernels.NORM_FWD not in ref_text
+        assert library.NORM_FWD in text
+        ref, ref_text = run(Norm(kind, ops=OpsPolicy(norm="xla")))
+        assert library.NORM_FWD not in ref_text
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     # bf16 activations: Norm takes its statistics in fp32 anyway, so the kernel serves them too.
     out16, text16 = run(Norm("layernorm", dtype=jnp.bfloat16), jnp.bfloat16)
-    assert kernels.NORM_FWD in text16 and out16.dtype == jnp.bfloat16
-    # A decode step's few rows stay with XLA (kn.MIN_ROWS).
-    assert kernels.NORM_FWD not in run(Norm("rmsnorm"), x=x[:, :1])[1]
+    assert library.NORM_FWD in text16 and out16.dtype == jnp.bfloat16
+    # A decode step's few rows stay with XLA (MIN_ROWS).
+    assert library.NORM_FWD not in run(Norm("rmsnorm"), x=x[:, :1])[1]
     with pytest.raises(ValueError, match="RMSNorm has no bias"):
-        kn.cpu_norm(x, jnp.ones(16), jnp.zeros(16), eps=1e-6, rms=True)
+        kernels.norm(x, jnp.ones(16), jnp.zeros(16), eps=1e-6, rms=True)
     with pytest.raises(ValueError, match=r"scale and bias \[D\]"):
-        kn.cpu_norm(x, jnp.ones(15), None, eps=1e-6)
+        kernels.norm(x, jnp.ones(15), None, eps=1e-6)
 
 
 _AVX2_ATTENTION = """
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
 sys.path.insert(0, {tests!r})
-from test_kernels import _attention_case
-from mmjax import kernels
-from mmjax.kernels.attention import cpu_attention
+from test_ops_cpu import _attention_case
+from mmjax.ops.cpu import library
+from mmjax.ops.cpu import attention as cpu_attention
 errs = []
 for case in [(2, 65, 65, 4, 4, 32, None), (3, 19, 29, 4, 2, 20, "causal+padding")]:
     q, k, v, mask = _attention_case(*case)
@@ -523,12 +520,12 @@ for case in [(2, 65, 65, 4, 4, 32, None), (3, 19, 29, 4, 2, 20, "causal+padding"
     grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
     errs.append(float(jnp.abs(ours(q, k, v) - ref(q, k, v)).max()))
     errs += [float(jnp.abs(a - b).max()) for a, b in zip(grad(ours), grad(ref))]
-print(json.dumps({{"flags": kernels.build_flags(), "errs": errs}}))
+print(json.dumps({{"flags": library.build_flags(), "errs": errs}}))
 """
 
 
 @needs_kernel
-@pytest.mark.skipif("avx512f" not in kernels.cpu_flags(), reason="this CPU has no AVX-512: the suite tests the AVX2 "
+@pytest.mark.skipif("avx512f" not in library.cpu_flags(), reason="this CPU has no AVX-512: the suite tests the AVX2 "
                     "blocks already")
 def test_cpu_attention_avx2_blocks_on_an_avx512_machine(tmp_path):
     """On a CPU with AVX-512 the suite runs the zmm register blocks; MMJAX_CPU_AVX512=0 builds the ymm
@@ -539,7 +536,7 @@ def test_cpu_attention_avx2_blocks_on_an_avx512_machine(tmp_path):
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "MMJAX_CACHE_DIR": str(tmp_path / "cache"), kernels.AVX512_SWITCH: "0"}
+    env = {**os.environ, "MMJAX_CACHE_DIR": str(tmp_path / "cache"), library.AVX512_SWITCH: "0"}
     code = _AVX2_ATTENTION.format(tests=str(Path(__file__).parent))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,25 +1,18 @@
-"""Softmax attention on the CPU with mmjax's native kernel (attention.cc), forward and backward.
+"""Softmax attention with mmjax's native CPU kernels (attention.cc), forward and backward.
 
-    out = cpu_attention(q, k, v, mask)      q [B, T, H, Dh], k, v [B, S, Hkv, Dh] → [B, T, H, Dh]
+    out = attention(q, k, v, mask)          q [B, T, H, Dh], k, v [B, S, Hkv, Dh] → [B, T, H, Dh]
 
 computes what `jax.nn.dot_product_attention(q, k, v, mask=mask)` computes (scale 1/√Dh, masked logits
 set to -0.7·FLT_MAX, so a fully masked row gets uniform weights and no gradient), in fp32, as two
-XLA FFI calls under a `jax.custom_vjp`: the forward keeps the probabilities P [B, H, T, S] for the
-backward, which then needs no second Q·Kᵀ. That costs 4·B·H·T·S bytes per layer between the passes,
-as XLA's own backward keeps, so the kernel is used up to MAX_KEYS keys (beyond, XLA's attention).
-
-`mmjax.layers.attention.Attention` uses it on the CPU backend when `use_cpu_attention` says so: fp32,
-no dropout, no KV cache, a one-device mesh (a custom call cannot be partitioned: on a mesh XLA would
-gather the operands), and the kernel available (`mmjax.kernels`: x86-64 with AVX2/FMA and a C++
-compiler). Why it exists, measured (2-core Xeon, AVX-512, tiny CLIP train step): see the README's
-Running on CPU.
+FFI calls under a `jax.custom_vjp`: the forward keeps the probabilities P [B, H, T, S] for the
+backward, which then needs no second Q·Kᵀ (4·B·H·T·S bytes per layer, as XLA's backward keeps; so up
+to MAX_KEYS keys).
 
     out = cache_attention(q, k, v, mask)    q [B, T, H, Dh], k, v [B, Hkv, S, Dh] (a head-major KV cache)
 
-is the same softmax for generation (forward only; gradients, if taken, are XLA's reference
-`grouped_attention`'s): each (batch row, kv head) reads only the slots between the first and the last
-one its queries may see, so a decoding step reads the filled part of the cache. `Attention` uses it
-with a KV cache under the same conditions (`use_cache_attention`), at any S.
+is the same softmax for generation: each (batch row, kv head) reads only the slots between the first
+and the last one its queries may see, so a decoding step reads the filled part of the cache.
+Gradients, if taken, are the reference's (`mmjax.ops.xla.grouped_attention`).
 """
 
 from __future__ import annotations
@@ -28,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import kernels
+from mmjax.ops import xla
+from mmjax.ops.cpu import library
+from mmjax.ops.cpu.ffi import call, usable
 
-# None: use the kernel where it is available; False: never (also MMJAX_CPU_KERNELS=0).
-ENABLED: bool | None = None
 MAX_KEYS = 2048  # P is kept for the backward: 4·T·S bytes per (batch row, head)
 
 
@@ -48,7 +41,7 @@ def _mask_operand(mask: jax.Array | None, b: int, h: int, t: int, s: int) -> tup
     return jnp.broadcast_to(mask, (mb, mh, t, s)), True
 
 
-def _check(q, k, v, what="cpu_attention", head_major=False):
+def _check(q, k, v, what="attention", head_major=False):
     """Operand checks: k, v [B, S, Hkv, Dh], or [B, Hkv, S, Dh] with head_major (a KV cache)."""
     layout, heads = ("[B, Hkv, S, Dh]", 1) if head_major else ("[B, S, Hkv, Dh]", 2)
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -59,14 +52,18 @@ def _check(q, k, v, what="cpu_attention", head_major=False):
         raise TypeError(f"{what}: fp32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def _scale(dh):
+    return np.float32(1.0 / np.sqrt(dh))
+
+
 def _forward(q, k, v, mask, keep_probs: bool):
     b, t, h, dh = q.shape
     s = k.shape[1]
     m, has_mask = _mask_operand(mask, b, h, t, s)
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
               jax.ShapeDtypeStruct((b, h, t, s) if keep_probs else (0,), jnp.float32))
-    call = jax.ffi.ffi_call(kernels.ATTENTION_FWD, shapes, vmap_method="sequential")
-    out, probs = call(q, k, v, m, scale=np.float32(1.0 / np.sqrt(dh)), has_mask=has_mask, keep_probs=keep_probs)
+    out, probs = call(library.ATTENTION_FWD, shapes, q, k, v, m, scale=_scale(dh), has_mask=has_mask,
+                      keep_probs=keep_probs)
     return out, probs
 
 
@@ -85,9 +82,8 @@ def _attention_bwd(res, dout):
     b, t, h, dh = q.shape
     m, has_mask = _mask_operand(mask, b, h, t, k.shape[1])
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    call = jax.ffi.ffi_call(kernels.ATTENTION_BWD, shapes, vmap_method="sequential")
-    dq, dk, dv = call(q, k, v, m, probs, out, dout.astype(jnp.float32), scale=np.float32(1.0 / np.sqrt(dh)),
-                      has_mask=has_mask)
+    dq, dk, dv = call(library.ATTENTION_BWD, shapes, q, k, v, m, probs, out, dout.astype(jnp.float32),
+                      scale=_scale(dh), has_mask=has_mask)
     dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)  # a boolean input: no gradient
     return dq, dk, dv, dmask
 
@@ -95,13 +91,10 @@ def _attention_bwd(res, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention with the native kernel: q [B, T, H, Dh], k, v [B, S, Hkv, Dh] (Hkv divides H;
     query head h reads kv head h // (H / Hkv)), mask bool broadcastable to [B, H, T, S] (True = attend)
-    → [B, T, H, Dh] fp32. Raises KernelUnavailable where the kernel cannot be built."""
-    reason = kernels.rowdot_unavailable_reason()
-    if reason is not None:
-        raise kernels.KernelUnavailable(reason)
+    → [B, T, H, Dh] fp32. Runs on the CPU only."""
     _check(q, k, v)
     if mask is not None:
         _mask_operand(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # the error names a bad shape
@@ -112,9 +105,9 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 def _cache_attention(q, k, v, mask):
     b, t, h, dh = q.shape
     m, has_mask = _mask_operand(mask, b, h, t, k.shape[2])
-    call = jax.ffi.ffi_call(kernels.CACHE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                            vmap_method="sequential")
-    return call(q, k, v, m, scale=np.float32(1.0 / np.sqrt(dh)), has_mask=has_mask)
+    (out,) = call(library.CACHE_ATTENTION, (jax.ShapeDtypeStruct(q.shape, jnp.float32),), q, k, v, m,
+                  scale=_scale(dh), has_mask=has_mask)
+    return out
 
 
 def _cache_attention_fwd(q, k, v, mask):
@@ -122,11 +115,8 @@ def _cache_attention_fwd(q, k, v, mask):
 
 
 def _cache_attention_bwd(res, dout):
-    # Decoding takes no gradients; should anything differentiate through a cached step, XLA's
-    # reference (which computes the same function) gives them.
-    from mmjax.layers.attention import grouped_attention
     q, k, v, mask = res
-    _, vjp = jax.vjp(lambda q, k, v: grouped_attention(q, k, v, mask), q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: xla.grouped_attention(q, k, v, mask), q, k, v)
     dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
     return (*vjp(dout), dmask)
 
@@ -137,29 +127,22 @@ _cache_attention.defvjp(_cache_attention_fwd, _cache_attention_bwd)
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention over a head-major KV cache with the native kernel: q [B, T, H, Dh], k, v
     [B, Hkv, S, Dh], mask bool broadcastable to [B, H, T, S] → [B, T, H, Dh] fp32, the values of
-    `mmjax.layers.attention.grouped_attention`. Each (batch row, kv head) reads only the slots between
-    the first and the last one its queries may see (the filled part of a decoding cache)."""
-    reason = kernels.rowdot_unavailable_reason()
-    if reason is not None:
-        raise kernels.KernelUnavailable(reason)
+    `mmjax.ops.xla.grouped_attention`. Runs on the CPU only."""
     _check(q, k, v, "cache_attention", head_major=True)
     if mask is not None:
         _mask_operand(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[2])
     return _cache_attention(q, k, v, mask)
 
 
-def use_cache_attention(q: jax.Array, k: jax.Array) -> bool:
-    """Whether Attention should mix q [B, T, H, Dh] with a head-major cache k [B, Hkv, S, Dh] with the
-    kernel (at trace time): as `use_cpu_attention`, with no limit on S (nothing is kept)."""
-    if ENABLED is False or q.ndim != 4 or k.ndim != 4 or q.shape[2] % k.shape[1]:
-        return False
-    return kernels.training_kernel_usable(q, k, what="attention")
-
-
-def use_cpu_attention(q: jax.Array, k: jax.Array, *, dropout: bool = False) -> bool:
-    """Whether Attention should mix q [B, T, H, Dh] and k [B, S, Hkv, Dh] with the kernel (at trace time)."""
-    if ENABLED is False or dropout:
-        return False
+def attention_usable(q: jax.Array, k: jax.Array) -> bool:
+    """Whether `attention` may take q [B, T, H, Dh], k [B, S, Hkv, Dh] (at trace time)."""
     if q.ndim != 4 or k.ndim != 4 or k.shape[1] > MAX_KEYS or q.shape[2] % k.shape[2]:
         return False
-    return kernels.training_kernel_usable(q, k, what="attention")
+    return usable(q, k, what="attention")
+
+
+def cache_attention_usable(q: jax.Array, k: jax.Array) -> bool:
+    """Whether `cache_attention` may take q [B, T, H, Dh] and a cache k [B, Hkv, S, Dh] (any S)."""
+    if q.ndim != 4 or k.ndim != 4 or q.shape[2] % k.shape[1]:
+        return False
+    return usable(q, k, what="attention")

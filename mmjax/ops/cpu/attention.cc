@@ -26,7 +26,7 @@
 // Threads: the tasks are spread over XLA's intra-op pool (mmjax::parallel_for in common.h); each thread
 // keeps its scratch (the [T, S] block, packed panels) from call to call.
 //
-// Built by mmjax/kernels/__init__.py with -mavx2 -mfma (and -mavx512f where the CPU has it); used only
+// Built by mmjax/ops/cpu/library.py with -mavx2 -mfma (and -mavx512f where the CPU has it); used only
 // where the CPU has AVX2 and FMA.
 #include <immintrin.h>
 

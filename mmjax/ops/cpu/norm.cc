@@ -16,7 +16,7 @@
 // Each chunk writes its partial dγ, dβ to a row of its own, summed in chunk order at the end, so the
 // result does not depend on which thread ran which chunk.
 //
-// Built by mmjax/kernels/__init__.py with -mavx2 -mfma; used only where the CPU has both.
+// Built by mmjax/ops/cpu/library.py with -mavx2 -mfma; used only where the CPU has both.
 #include <immintrin.h>
 
 #include <algorithm>
