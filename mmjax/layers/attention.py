@@ -5,7 +5,8 @@ q [B, Q, H, Dh], k and v [B, K, Hkv, Dh]; `attend` mixes them (`mmjax.ops.attent
 `mmjax.ops.cached_attention` over a cache) under a mask and projects back to D. With Hkv < H (GQA)
 each group of G = H/Hkv query heads shares one key/value head (query head h uses kv head h // G, as
 HF's repeat_kv). A mask is a boolean array broadcastable to [B, H, Q, K] (True = attend) or an
-`AttentionMask` (its parts: causal, prefix, padding), which fast kernels use without an array.
+`AttentionMask` (its parts: causal, prefix, padding), which fused attention implementations read
+without an array.
 
 KV cache (decoding). Nothing is hidden in a Flax "cache" collection: a layer's cache is the pytree
 

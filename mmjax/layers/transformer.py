@@ -70,7 +70,7 @@ class TransformerConfig:
     remat: RematPolicy = "none"
     dtype: str = "float32"  # compute dtype (bf16: mixed precision; norms, softmax and losses stay fp32)
     param_dtype: str = "float32"
-    ops: OpsPolicy = OpsPolicy()  # which kernels run (mmjax.ops): part of the config, so of every trace
+    ops: OpsPolicy = OpsPolicy()  # which implementations run (mmjax.ops): in the config, so in every trace
 
 
 class Block(nn.Module):
