@@ -4,6 +4,10 @@
     mmjax bench [--model vit|clip] [...]
     mmjax bench-data [--name shapes] [...]
     mmjax bench-decode [--batch-sizes 8,1] [...]
+
+Environment: MMJAX_HUGEPAGE_MALLOC=1 re-executes any command under glibc malloc tunables for
+XLA:CPU (huge pages); `mmjax bench` does so by default when the backend would be the CPU
+(MMJAX_HUGEPAGE_MALLOC=0 turns that off). See mmjax/runtime.py and docs/cpu.md.
 """
 
 from __future__ import annotations
@@ -32,6 +36,27 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+TRAIN_DESCRIPTION = "Trains (or resumes) the experiment that --config defines, in --workdir."
+TRAIN_USAGE = "mmjax train [-h] --config CONFIG --workdir WORKDIR [--config.KEY=VALUE ...]"
+TRAIN_EPILOG = """config overrides:
+  --config.KEY=VALUE    set one field of the experiment config; repeatable, and `--config.KEY
+                        VALUE` works too. KEY is the field's dotted path in the config, VALUE a
+                        Python literal (numbers, True/False, None, tuples) or a bare word.
+
+example:
+  mmjax train --config experiments/vit_digits.py --workdir runs/vit_small \\
+      --config.train.steps=500 --config.optim.peak_lr=1e-3 \\
+      --config.model.encoder.depth=2 '--config.mesh.shape=(-1,1,1)'
+
+A workdir that already holds a run resumes it, and refuses a config that differs from the saved
+one in anything but how the run executes (mesh.*, train.log_every, ...)."""
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench-data"]:
@@ -47,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train an experiment config")
+    tr = sub.add_parser("train", help="train an experiment config (--config.KEY=VALUE overrides its fields)",
+                        usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
     tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
@@ -57,15 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = parser.parse_args(rest)
     if args.command == "train":
+        if not os.path.isfile(args.config):
+            what = "is a directory, not a file" if os.path.isdir(args.config) else "does not exist"
+            return _error(f"--config {args.config} {what} (give an experiment file such as "
+                          "experiments/vit_digits.py)")
         from mmjax.config import ConfigError, apply_overrides
         from mmjax.experiment import load_experiment
+        from mmjax.train.checkpoint import CheckpointError
         from mmjax.train.loop import train
         try:
             cfg = apply_overrides(load_experiment(args.config), overrides)
             results = train(cfg, args.workdir)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except ConfigError as e:  # includes a mesh that does not fit the devices
+            return _error(str(e))
+        except CheckpointError as e:
+            return _error(str(e), 1)
         print(json.dumps(results["eval"], indent=2))
         return 0
     if overrides:
@@ -74,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `mmjax` console script: `main` under huge-page malloc (`mmjax.runtime`), then exit.
-    `mmjax bench` also keeps malloc's memory between executions (one big train step at a time, no
-    data pipeline: the case where it pays; see mmjax/runtime.py)."""
-    from mmjax.runtime import KEEP_MEMORY_VAR, reexec_with_hugepage_malloc
-    if sys.argv[1:2] == ["bench"]:
-        os.environ.setdefault(KEEP_MEMORY_VAR, "1")
-    reexec_with_hugepage_malloc(sys.argv[1:], "mmjax.cli")
+    """The `mmjax` console script: `main`, then exit. It first re-executes itself under glibc's
+    huge-page malloc (`mmjax.runtime`) only when asked, MMJAX_HUGEPAGE_MALLOC=1, or for `mmjax bench`
+    on a CPU backend, which also keeps malloc's memory between executions (one big train step at a
+    time, no data pipeline: the case where it pays; see mmjax/runtime.py and docs/cpu.md)."""
+    from mmjax.runtime import KEEP_MEMORY_VAR, reexec_requested, reexec_with_hugepage_malloc
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if reexec_requested(command, os.environ):
+        if command == "bench":
+            os.environ.setdefault(KEEP_MEMORY_VAR, "1")
+        reexec_with_hugepage_malloc(sys.argv[1:], "mmjax.cli")
     sys.exit(main())
 
 

@@ -1,44 +1,24 @@
-"""Process settings for XLA:CPU: glibc's malloc keeps its memory, in transparent huge pages.
+"""Opt-in glibc malloc tunables for XLA:CPU: huge pages, and optionally memory kept between executions.
 
-Why. XLA:CPU allocates all of one execution's temporaries as a single block (`posix_memalign`
-from an XLA worker thread; about 1 GiB for the tiny CLIP train step at batch 128, 3.3 GiB for
-S/16) and frees it when the execution ends. glibc serves a block that large from a thread arena
-with `mmap` and returns it with `munmap` (thread arenas always map blocks above their 64 MiB heap
-size), so every step faults the whole block in again and the kernel zeroes each page. Measured on
-a 2-core AMD EPYC (kernel THP mode "madvise"):
+What and why. XLA:CPU allocates all temporaries of one execution as one large block, which glibc
+maps and unmaps on every call, so each step faults it in again 4 KiB at a time.
+`glibc.malloc.hugetlb=1` makes those faults 2 MiB ones, and with MMJAX_KEEP_MEMORY=1 `arena_max=1`,
+`mmap_max=0` and a 64 GiB `trim_threshold` keep the block mapped from one execution to the next
+(no faults, but one arena for every thread slows multi-threaded input pipelines). The rule, the
+measurements and the machines they come from are in docs/cpu.md ("glibc malloc tunables").
 
-    default malloc                      247 K minor faults, 0.8 s of kernel time per tiny-CLIP step (1.6 s)
-    + glibc.malloc.hugetlb=1            ~1 K faults (2 MiB each), 0.13–0.18 s of kernel time
-    + arena_max=1, mmap_max=0,
-      trim_threshold=64 GiB             0 faults, 0.01 s: the block is reused from one step to the next
-
-`hugetlb=1` makes malloc ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`). The other three
-keep the memory: one arena (the main one, grown with `brk`), no `mmap` for large blocks, and no
-trimming of the heap's top, so a freed temp block stays mapped and the next execution gets it back
-without faults. Huge-page faults alone were cheap on a fresh machine but grew with its uptime (the
-kernel must find, and sometimes compact, free 2 MiB pages): in one later run the tiny CLIP step
-took 2.40 s with `hugetlb=1` alone against 1.47 s with all four (PyTorch's: 1.39 s), alternated in
-one benchmark. But one arena serves every thread, and the main job (a 0.13 M-param ViT, 10 ms
-steps fed by grain's threads) took 195–199 s with all four against 164 s with `hugetlb=1` alone
-(back-to-back runs), and greedy decoding at batch 8 took 27.7 against 24.2 ms per token (small
-temp blocks; PyTorch's went the other way, 50.8 against 58.1 ms). So keeping the memory is
-opt-in, MMJAX_KEEP_MEMORY=1, and `mmjax bench` sets it for its train steps (both sides of a
-comparison inherit it); the process then keeps its high-water mark of malloc'd memory until it
-exits.
-
-How. `GLIBC_TUNABLES` is read once, when a process starts, so the `mmjax` command re-executes
-itself with the tunables added (`reexec_with_hugepage_malloc`, called before anything heavy is
-imported). On Linux with glibc: the three that keep memory when MMJAX_KEEP_MEMORY=1, `hugetlb=1`
-with glibc ≥ 2.35 when the kernel's THP mode is "madvise" (with "always" every large mapping gets huge pages
-already; with "never" the tunable does nothing). A tunable the user has set stands as set; nothing
-happens when MMJAX_NO_REEXEC is set or every tunable is already there. Child processes (data
-workers, benchmark sides) inherit the environment. From your own Python process, start it as
-`GLIBC_TUNABLES=$(python -m mmjax.runtime --tunables) python ...` for the same effect (with
-MMJAX_KEEP_MEMORY=1 in front of both for all four).
+How to opt in. `GLIBC_TUNABLES` is read only when a process starts, so the `mmjax` command
+re-executes itself with the tunables added, before anything heavy is imported, when asked:
+MMJAX_HUGEPAGE_MALLOC=1 for any command; `mmjax bench` (a CPU benchmark; memory kept) does so by
+default when the backend would be the CPU, judged without importing JAX (JAX_PLATFORMS names cpu
+first, or it is unset and no accelerator plugin is installed). MMJAX_HUGEPAGE_MALLOC=0 or
+MMJAX_NO_REEXEC=1 turns it off. In your own process: `GLIBC_TUNABLES=$(python -m mmjax.runtime
+--tunables) python ...`; `python -m mmjax.runtime` reports what applies on this machine.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -48,7 +28,12 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 # One arena, no mmap for large blocks, no trimming: freed blocks stay mapped for the next execution.
 KEEP_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
 OPT_OUT = "MMJAX_NO_REEXEC"
+OPT_IN = "MMJAX_HUGEPAGE_MALLOC"  # "1": the `mmjax` command re-executes with the tunables; "0": never
 KEEP_MEMORY_VAR = "MMJAX_KEEP_MEMORY"  # "1": add KEEP_MEMORY (set by `mmjax bench`)
+# Import names whose presence means JAX would pick an accelerator when JAX_PLATFORMS is unset.
+ACCELERATOR_PLUGINS = ("jax_plugins", "libtpu")
+# `mmjax` subcommands that re-execute without the opt-in, when the backend would be the CPU.
+REEXEC_COMMANDS = ("bench",)
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -78,6 +63,29 @@ def tunables_for(*, glibc: tuple[int, ...] | None, thp: str | None, keep_memory:
     if glibc is None:
         return ()
     return (KEEP_MEMORY if keep_memory else ()) + ((TUNABLE,) if glibc >= (2, 35) and thp == "madvise" else ())
+
+
+def cpu_backend_expected(environ: Mapping[str, str], *, plugins: Sequence[str] = ACCELERATOR_PLUGINS) -> bool:
+    """Whether JAX would run on the CPU, judged without importing it: JAX_PLATFORMS (or the older
+    JAX_PLATFORM_NAME) names cpu first, or neither is set and no accelerator plugin is installed."""
+    platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME")
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in plugins)
+
+
+def reexec_requested(command: str | None, environ: Mapping[str, str], *,
+                     cpu: bool | None = None) -> bool:
+    """Whether the `mmjax` command `command` ("train", "bench", ...) should re-execute itself under
+    the malloc tunables: MMJAX_HUGEPAGE_MALLOC=1 for any command, and `mmjax bench` on a CPU backend
+    unless MMJAX_HUGEPAGE_MALLOC=0 (module docstring). `cpu`: whether the backend would be the CPU
+    (None: `cpu_backend_expected(environ)`)."""
+    choice = environ.get(OPT_IN, "").strip()
+    if choice == "1":
+        return True
+    if choice == "0" or command not in REEXEC_COMMANDS:
+        return False
+    return cpu_backend_expected(environ) if cpu is None else cpu
 
 
 def hugepage_malloc_env(environ: Mapping[str, str], *, system: str, glibc: tuple[int, ...] | None,
@@ -119,7 +127,8 @@ def reexec_with_hugepage_malloc(argv: Sequence[str], module: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mmjax.runtime`: re-executes as the `mmjax` command does, then prints what applies.
+    """`python -m mmjax.runtime`: prints what applies on this machine, after re-executing as the
+    `mmjax` command does when MMJAX_HUGEPAGE_MALLOC=1.
     `python -m mmjax.runtime --tunables`: prints the GLIBC_TUNABLES value to start Python with."""
     import json
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -127,10 +136,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         env = hugepage_malloc_env_here({k: v for k, v in os.environ.items() if k != OPT_OUT})
         print((env or os.environ).get("GLIBC_TUNABLES", ""))
         return
-    reexec_with_hugepage_malloc(argv, "mmjax.runtime")
+    if reexec_requested(None, os.environ):
+        reexec_with_hugepage_malloc(argv, "mmjax.runtime")
     current = os.environ.get("GLIBC_TUNABLES", "")
     print(json.dumps({"system": platform.system(), "glibc": ".".join(map(str, glibc_version() or ())) or None,
                       "thp_mode": thp_mode(), "GLIBC_TUNABLES": current or None,
+                      "reexec_opt_in": os.environ.get(OPT_IN) == "1",
                       "hugepage_malloc": TUNABLE in current,
                       "keeps_memory": all(t in current for t in KEEP_MEMORY)}))
 

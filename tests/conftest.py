@@ -20,8 +20,9 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-# xdist workers and CLI subprocesses run under the malloc tunables of the `mmjax` command (see
-# mmjax/runtime.py: XLA:CPU's per-execution temp block otherwise faults in again on every call).
+# xdist workers and CLI subprocesses run under the huge-page malloc that MMJAX_HUGEPAGE_MALLOC=1
+# gives the `mmjax` command (mmjax/runtime.py, docs/cpu.md: XLA:CPU's per-execution temp block
+# otherwise faults in again on every call).
 if "PYTEST_XDIST_WORKER" not in os.environ:
     from mmjax.runtime import hugepage_malloc_env_here
 

@@ -308,6 +308,23 @@ def test_pickled_weights_refused(tmp_path, small):
         mmjax.load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["random", "empty", "truncated"])
+def test_invalid_safetensors_file_is_named(small, tmp_path, damage):
+    """A model.safetensors that is not one (random bytes, empty, cut short): a ConversionError that
+    names the file and says so, with safetensors' own reason, instead of a bare SafetensorError."""
+    path = _copy(small, tmp_path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"random": np.random.default_rng(0).bytes(4096), "empty": b"",
+                         "truncated": data[: len(data) // 2]}[damage])
+    with pytest.raises(ConversionError) as info:
+        mmjax.load_pretrained(path)
+    msg = str(info.value)
+    assert str(weights) in msg and "is not a valid safetensors file" in msg, msg
+    assert "header" in msg  # safetensors' reason
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
 def test_missing_config(small, tmp_path):
     shutil.copy(small["path"] / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"no config\.json in .*found: model\.safetensors"):

@@ -74,10 +74,16 @@ def _python(script: str, workdir: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> str:
+def _finish(proc: subprocess.Popen, outputs: list | None = None) -> str:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    if outputs is not None:
+        outputs.append(out + err)
     return out
+
+
+# stdout + stderr of the process that built digits in `data_dir` (for the build-message test)
+_BUILD_OUTPUT: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +93,14 @@ def data_dir(tmp_path_factory) -> str:
     scripts = tmp_path_factory.mktemp("scripts")
     procs = [_python(_PREPARE, scripts, d), _python(_PREPARE, scripts, d),
              _python(_TINY_BUILD, scripts, d)]
-    reports = [json.loads(_finish(p).strip().splitlines()[-1]) for p in procs[:2]]
+    outputs: list[str] = []
+    reports = [json.loads(_finish(p, outputs).strip().splitlines()[-1]) for p in procs[:2]]
     _finish(procs[2])
     assert all(r["data_dir"] == d for r in reports)
     # The file lock lets exactly one racer build; the other finds the finished files.
     assert sorted(r["built"] for r in reports) == [False, True]
     assert not [p for p in Path(d, "digits").iterdir() if p.name.startswith("incomplete")]
+    _BUILD_OUTPUT[:] = [out for out, r in zip(outputs, reports) if r["built"]]
     return d
 
 
@@ -170,6 +178,14 @@ def test_ensure_prepared_does_not_rebuild_and_never_downloads(data_dir, tmp_path
         with pytest.raises(FileNotFoundError, match=f"'{name}'.*{re.escape(str(tmp_path))}"):
             registry.ensure_prepared(name, str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_building_a_builtin_says_nothing_is_downloaded(data_dir):
+    """TFDS would print "Downloading and preparing dataset Unknown size ..." for a local build."""
+    (output,) = _BUILD_OUTPUT
+    assert "download" not in output.lower().replace("nothing is downloaded", ""), output
+    assert (f"mmjax: building the local TFDS dataset digits in {data_dir}/digits/1.0.0 (nothing is "
+            "downloaded)") in output, output
 
 
 def test_builders_leave_no_temporary_directories(monkeypatch, tmp_path):

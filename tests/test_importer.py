@@ -295,6 +295,33 @@ def test_truncated_image_found_while_building_is_skipped(folder, tmp_path):
     assert report["skipped"] == {"truncated_image": 1} and report["imported_total"] == GOOD
 
 
+def test_a_small_folder_imports_with_the_default_splits(folder, tmp_path):
+    """6 images and a bad record, on_error="skip", default 95/5 splits: 95% of 6 rounds to all 6,
+    but every split still gets an image (here test gets one), so the import works."""
+    cases = _bad_folder(folder, tmp_path)
+    jsonl = _write_jsonl(tmp_path / "ann.jsonl", _lines_with([cases["missing_image"]]))
+    with pytest.warns(SkippedRecordWarning):
+        data_dir = import_folder(tmp_path / "images", jsonl, name="small", data_dir=tmp_path / "tfds",
+                                 on_error="skip")
+    assert _report(data_dir, "small")["imported"] == {"train": GOOD - 1, "test": 1}
+    files = [ex["file"].decode() for split in ("train", "test") for ex in _read("small", data_dir, split)]
+    assert sorted(files) == [f"{i}.png" for i in range(GOOD)]  # each image in exactly one split
+
+
+def test_too_few_images_for_the_splits_is_a_clear_error(folder, tmp_path):
+    """Records of a single image cannot fill two splits: the error says how to choose splits."""
+    _bad_folder(folder, tmp_path)
+    jsonl = _write_jsonl(tmp_path / "ann.jsonl", [{"image": "0.png", "caption": "one"},
+                                                  {"image": "0.png", "caption": "the same image"}])
+    with pytest.raises(ValueError, match=r"split 'test' would be empty: 2 usable records of 1 image.*"
+                                         r"splits=\{'train': 1\.0\}"):
+        import_folder(tmp_path / "images", jsonl, name="tiny", data_dir=tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists()
+    data_dir = import_folder(tmp_path / "images", jsonl, name="tiny", data_dir=tmp_path / "tfds",
+                             splits={"train": 1.0})
+    assert _report(data_dir, "tiny")["imported"] == {"train": 2}
+
+
 def test_wrong_kind_and_bad_conversation(folder, tmp_path):
     _bad_folder(folder, tmp_path)
     chat = {"image": "0.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}
@@ -339,7 +366,7 @@ def test_overwrite_protection(folder, tmp_path):
     assert sorted(os.listdir(data_dir)) == ["mine"]  # no staging folder left
 
 
-def test_bad_names_and_options(folder, tmp_path):
+def test_bad_names_and_options(folder, tmp_path, tmp_path_factory):
     args = (folder["images"], folder["captions_jsonl"])
     for name, match in [("digits", "built-in"), ("mnist", "TFDS dataset name"), ("My-Data", "snake_case")]:
         with pytest.raises(ValueError, match=match):
@@ -348,8 +375,10 @@ def test_bad_names_and_options(folder, tmp_path):
         import_folder(*args, name="x", data_dir=tmp_path, image_size=8, resize_mode="stretch")
     with pytest.raises(ValueError, match="sum to 1"):
         import_folder(*args, name="x", data_dir=tmp_path, splits={"train": 0.9, "test": 0.2})
-    with pytest.raises(ValueError, match="split 'test' would be empty"):
-        import_folder(*args, name="x", data_dir=tmp_path, splits={"train": 0.99, "test": 0.01})
+    with pytest.raises(ValueError, match="split 'b' would be empty: 2 usable records of 1 image"):
+        import_folder(folder["images"], _write_jsonl(tmp_path_factory.mktemp("one") / "one.jsonl",
+                                                     folder["captions"][:1] * 2),
+                      name="x", data_dir=tmp_path, splits={"a": 0.5, "b": 0.25, "c": 0.25})
     assert list(tmp_path.iterdir()) == []
 
 

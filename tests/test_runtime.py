@@ -1,4 +1,5 @@
-"""mmjax.runtime: the malloc re-exec of the `mmjax` command (huge pages, memory kept across executions)."""
+"""mmjax.runtime: the opt-in malloc re-exec of the `mmjax` command (huge pages, memory kept across
+executions): MMJAX_HUGEPAGE_MALLOC=1, or `mmjax bench` on a CPU backend."""
 
 import json
 import os
@@ -51,21 +52,76 @@ def test_env_leaves_the_process_alone(environ, overrides):
     assert runtime.hugepage_malloc_env(environ, **{**LINUX, **overrides}) is None
 
 
-def test_the_train_step_benchmark_keeps_the_memory(monkeypatch):
-    """`mmjax bench` re-execs with the memory-keeping tunables; `train` and `bench-decode` without them."""
+def _reexecs(monkeypatch, argv, environ):
+    """What `entry()` passes to os.execve for `mmjax *argv` under `environ`, on a Linux host where the
+    tunables apply (None: it did not re-execute)."""
     import mmjax.cli as cli
-    seen = {}
-    monkeypatch.setattr(runtime, "reexec_with_hugepage_malloc",
-                        lambda argv, module: seen.setdefault(argv[0], os.environ.get(runtime.KEEP_MEMORY_VAR)))
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((args, env)))
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(runtime, "thp_mode", lambda path=None: "madvise")
     monkeypatch.setattr(cli, "main", lambda: 0)
-    # entry() sets the variable itself; setenv first so that monkeypatch restores the original at the end
-    monkeypatch.setenv(runtime.KEEP_MEMORY_VAR, "0")
-    for command in ("bench", "bench-decode", "train"):
-        monkeypatch.delenv(runtime.KEEP_MEMORY_VAR, raising=False)
-        monkeypatch.setattr(sys, "argv", ["mmjax", command])
-        with pytest.raises(SystemExit):
-            cli.entry()
-    assert seen == {"bench": "1", "bench-decode": None, "train": None}
+    for var in ("GLIBC_TUNABLES", runtime.OPT_OUT, "MMJAX_HUGEPAGE_MALLOC", runtime.KEEP_MEMORY_VAR, "JAX_PLATFORMS",
+                "JAX_PLATFORM_NAME"):
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores the original (entry() sets some itself)
+        monkeypatch.delenv(var)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["mmjax", *argv])
+    with pytest.raises(SystemExit) as info:
+        cli.entry()
+    assert info.value.code == 0
+    assert len(calls) <= 1
+    return calls[0] if calls else None
+
+
+@pytest.mark.parametrize("command", ["train", "bench-decode", "bench-data"])
+def test_entry_does_not_reexec_by_default(monkeypatch, command):
+    """Only MMJAX_HUGEPAGE_MALLOC=1 (or `mmjax bench` on a CPU) re-executes the command."""
+    assert _reexecs(monkeypatch, [command, "--help"], {}) is None
+    assert _reexecs(monkeypatch, [command, "--help"], {"JAX_PLATFORMS": "cpu"}) is None
+
+
+@pytest.mark.parametrize("command", ["train", "bench-decode", "bench"])
+def test_entry_reexecs_when_asked(monkeypatch, command):
+    args, env = _reexecs(monkeypatch, [command, "--x"], {"MMJAX_HUGEPAGE_MALLOC": "1"})
+    assert args[1:] == ["-m", "mmjax.cli", command, "--x"]
+    assert runtime.TUNABLE in env["GLIBC_TUNABLES"]
+    # `mmjax bench` alone keeps malloc's memory (one big train step at a time)
+    assert all(t in env["GLIBC_TUNABLES"] for t in runtime.KEEP_MEMORY) is (command == "bench")
+    assert _reexecs(monkeypatch, [command], {"MMJAX_HUGEPAGE_MALLOC": "1", runtime.OPT_OUT: "1"}) is None
+
+
+def test_the_train_step_benchmark_reexecs_on_a_cpu_backend_and_keeps_the_memory(monkeypatch):
+    """`mmjax bench` re-executes with the memory-keeping tunables when the backend would be the CPU."""
+    args, env = _reexecs(monkeypatch, ["bench"], {"JAX_PLATFORMS": "cpu"})
+    assert env["GLIBC_TUNABLES"] == KEEP + ":" + HUGE and env[runtime.KEEP_MEMORY_VAR] == "1"
+    assert _reexecs(monkeypatch, ["bench"], {"JAX_PLATFORMS": "cuda,cpu"}) is None
+    assert _reexecs(monkeypatch, ["bench"], {"JAX_PLATFORMS": "cpu", "MMJAX_HUGEPAGE_MALLOC": "0"}) is None
+    assert _reexecs(monkeypatch, ["bench"], {"JAX_PLATFORMS": "cpu", runtime.OPT_OUT: "1"}) is None
+
+
+@pytest.mark.parametrize("command, environ, cpu, expected", [
+    ("train", {}, True, False),
+    ("bench-decode", {}, True, False),
+    ("bench", {}, True, True),
+    ("bench", {}, False, False),                        # an accelerator: the tunables are for XLA:CPU
+    ("train", {"MMJAX_HUGEPAGE_MALLOC": "1"}, False, True),
+    ("bench", {"MMJAX_HUGEPAGE_MALLOC": "0"}, True, False),
+    (None, {}, True, False),
+])
+def test_reexec_is_opt_in_except_for_the_cpu_benchmark(command, environ, cpu, expected):
+    assert runtime.reexec_requested(command, environ, cpu=cpu) is expected
+
+
+def test_cpu_backend_is_judged_from_the_environment_without_jax():
+    assert runtime.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+    assert runtime.cpu_backend_expected({"JAX_PLATFORMS": " CPU , cuda"})
+    assert not runtime.cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not runtime.cpu_backend_expected({"JAX_PLATFORMS": "tpu"})
+    assert runtime.cpu_backend_expected({}, plugins=("no_such_plugin_module_xyz",))
+    assert not runtime.cpu_backend_expected({}, plugins=("json",))  # an installed plugin: an accelerator
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
@@ -76,14 +132,17 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT, "MMJAX_HUGEPAGE_MALLOC", runtime.KEEP_MEMORY_VAR)}
     return {**env, **extra}
 
 
 def test_module_reexecs_exactly_when_the_rule_says():
-    """`python -m mmjax.runtime` goes through the same re-exec as the `mmjax` command."""
-    expected = runtime.hugepage_malloc_env_here(_clean_env()) is not None
-    for env, want in ((_clean_env(), expected), (_clean_env(MMJAX_NO_REEXEC="1"), False)):
+    """`python -m mmjax.runtime` goes through the same re-exec as the `mmjax` command: only when
+    asked (MMJAX_HUGEPAGE_MALLOC=1), and then where the tunables apply."""
+    applies = runtime.hugepage_malloc_env_here(_clean_env()) is not None
+    for env, want in ((_clean_env(), False), (_clean_env(MMJAX_HUGEPAGE_MALLOC="1"), applies),
+                      (_clean_env(MMJAX_HUGEPAGE_MALLOC="1", MMJAX_NO_REEXEC="1"), False)):
         out = subprocess.run([sys.executable, "-m", "mmjax.runtime"], env=env, capture_output=True, text=True,
                              check=True)
         report = json.loads(out.stdout)

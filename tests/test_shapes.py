@@ -28,6 +28,21 @@ class _SmallShapes(S.ShapesBuilder, skip_registration=True):
     split_sizes = SMALL_SIZES
 
 
+class _TinyShapes(S.ShapesBuilder, skip_registration=True):
+    name = "shapes"
+    split_sizes = {"train": 6, "test": 3, "test_novel": 3}
+
+
+def test_a_build_says_nothing_is_downloaded(tmp_path, capfd):
+    """TFDS would print "Downloading and preparing dataset Unknown size ..." for this local build."""
+    _TinyShapes(data_dir=str(tmp_path), config="64").download_and_prepare(file_format="array_record")
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "download" not in text.lower().replace("nothing is downloaded", ""), text
+    assert (f"mmjax: building the local TFDS dataset shapes/64 in {tmp_path}/shapes/64/1.0.0 "
+            "(nothing is downloaded)") in text, text
+
+
 def _build(data_dir: Path, config: str = "32") -> Path:
     _SmallShapes(data_dir=str(data_dir), config=config).download_and_prepare(file_format="array_record")
     return data_dir

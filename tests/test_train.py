@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,11 +154,113 @@ def test_resume_onto_a_different_mesh(digits_dir, tmp_path, read_params, capsys)
 
 
 def test_all_checkpoints_damaged_stops_with_the_reason(digits_dir, tmp_path):
-    from mmjax.train.checkpoint import CheckpointError
+    """`mmjax train` on a workdir whose every step is damaged: a short `error:` naming each step and
+    why, not thousands of lines of tracebacks from orbax's abandoned reads."""
     args = ("train.steps=10", "train.checkpoint_every=5", "train.log_every=5")
     train(_cfg(digits_dir, *args), tmp_path)
     for step in (5, 10):
         _damage(tmp_path / "checkpoints" / str(step), "truncate")
-    with pytest.raises(CheckpointError, match=r"every checkpoint .* is damaged.*step 10: .*step 5: "):
-        train(_cfg(digits_dir, *args), tmp_path)
+    overrides = [f"--config.{o}" for o in TINY + [f"data.data_dir={digits_dir}", *args]]
+    out = subprocess.run([sys.executable, "-m", "mmjax.cli", "train", "--config", "experiments/vit_digits.py",
+                          "--workdir", str(tmp_path), *overrides], capture_output=True, text=True)
+    assert out.returncode == 1, out.stdout + out.stderr
+    errors = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "every checkpoint" in errors[0], out.stderr
+    assert re.search(r"\n  step 10: \w+: .*\n  step 5: \w+: ", out.stderr), out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert len((out.stdout + out.stderr).splitlines()) < 30, out.stdout + out.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints_corrupt").iterdir()) == ["10", "5"]
+
+
+# ----------------------------------------------------------------------------- Checkpointer on a tiny tree
+
+def _tiny_checkpointer(directory, steps=(5, 10), leaves=1):
+    """A Checkpointer in `directory` holding `steps` of a small state (`w`: 1000 random floats, and
+    `leaves` more); returns (ckpt, abstract)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmjax.train.checkpoint import Checkpointer, abstract_like
+    state = {"w": jax.random.normal(jax.random.PRNGKey(0), (1000,)),
+             **{f"b{i}": jnp.full(10 + i, float(i)) for i in range(leaves)}}
+    ckpt = Checkpointer(directory, async_save=False)
+    for step in steps:
+        if step not in ckpt.all_steps():
+            ckpt.save(step, state, force=True)
+    ckpt.wait()
+    return ckpt, abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
+
+
+def _damage_chunks(step_dir: Path, every: bool = False) -> None:
+    """Truncates the largest data file of the state, the one holding w's values, or `every` data
+    file (orbax then raises an Exception whose message is a repr of the bound method
+    TensorStore.spec; the real error is its __cause__)."""
+    files = sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+    assert files[-1].stat().st_size > 3000  # 1000 random float32
+    for f in files if every else files[-1:]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_a_step_damaged_again_is_set_aside_beside_the_first_without_nesting(tmp_path, capsys):
+    """The same step number damaged three times in one workdir: each copy is kept, none nested."""
+    for _ in range(3):
+        ckpt, abstract = _tiny_checkpointer(tmp_path / "checkpoints")
+        _damage_chunks(tmp_path / "checkpoints" / "10")
+        step, _ = ckpt.restore_latest(abstract)
+        ckpt.close()
+        assert step == 5
+    corrupt = tmp_path / "checkpoints_corrupt"
+    assert sorted(p.name for p in corrupt.iterdir()) == ["10", "10.1", "10.2"]
+    for p in corrupt.iterdir():
+        assert (p / "state").is_dir() and not (p / "10").exists()
+    out = capsys.readouterr().out
+    assert f"moved to {corrupt / '10.2'}" in out
+
+
+def test_damage_reason_is_the_real_error_not_a_method_repr(tmp_path, capsys):
+    ckpt, abstract = _tiny_checkpointer(tmp_path / "checkpoints")
+    _damage_chunks(tmp_path / "checkpoints" / "10")
+    assert ckpt.restore_latest(abstract)[0] == 5
+    ckpt.close()
+    line = next(x for x in capsys.readouterr().out.splitlines() if "checkpoint step 10" in x)
+    reason = line.split(" is damaged (", 1)[1].split("); moved to ", 1)[0]
+    assert "bound method" not in reason and "tensorstore_spec" not in reason, line
+    assert reason.startswith("ValueError: OUT_OF_RANGE: "), line  # what tensorstore really said
+    assert "byte range" in reason and len(reason) < 450, line
+
+
+def test_every_step_damaged_is_one_short_error_without_tracebacks(tmp_path, capfd, caplog, monkeypatch):
+    """The CheckpointError names each step with a one-line reason, with nothing chained to it; the
+    reads orbax abandons print no tracebacks (asyncio's log, sys.unraisablehook), now or later."""
+    import gc
+    import time
+
+    from mmjax.train.checkpoint import CheckpointError
+    for _ in range(3):  # what earlier tests' restores left behind reports to the hook they saw
+        gc.collect()
+        time.sleep(0.1)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    ckpt, abstract = _tiny_checkpointer(tmp_path / "checkpoints", leaves=24)
+    _damage_chunks(tmp_path / "checkpoints" / "10", every=True)
+    _damage(tmp_path / "checkpoints" / "5", "truncate")
+    with pytest.raises(CheckpointError) as info:
+        ckpt.restore_latest(abstract)
+    ckpt.close()
+    for _ in range(3):  # the abandoned reads finish in tensorstore's threads and report late
+        gc.collect()
+        time.sleep(0.2)
+    err = info.value
+    assert err.__cause__ is None and err.__suppress_context__
+    msg = str(err)
+    assert "every checkpoint" in msg and "step 10: " in msg and "step 5: " in msg
+    assert "bound method" not in msg and "tensorstore_spec" not in msg and len(msg.splitlines()) == 3, msg
+    out = capfd.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert not unraisable, [u.exc_value for u in unraisable]
+    assert not [r for r in caplog.records if r.exc_info or r.name == "asyncio"]
+    # an unrelated unraisable exception still reaches the hook
+    from types import SimpleNamespace
+    sys.unraisablehook(SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"), exc_traceback=None,
+                                       err_msg=None, object="other"))
+    assert len(unraisable) == 1

@@ -5,7 +5,8 @@
     dir/model.safetensors.index.json             {"weight_map": {key: shard file}} + the shards
 
 A `pytorch_model.bin` (or any other pickled weights file) is refused with an error that says how to
-convert it: unpickling runs arbitrary code from the file.
+convert it: unpickling runs arbitrary code from the file. A weights file that is not valid
+safetensors (random bytes, cut short) is a ConversionError that names the file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from mmjax.convert.rules import ConversionError
@@ -76,20 +77,30 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of an HF model directory as numpy arrays {key: array}, in their stored dtype."""
+    """All tensors of an HF model directory as numpy arrays {key: array}, in their stored dtype.
+    A file that is not valid safetensors raises a ConversionError naming it."""
     tensors: dict[str, np.ndarray] = {}
     for file in weight_files(path):
-        raw_header = None
-        with safe_open(file, framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if key in tensors:
-                    raise ConversionError(f"tensor {key!r} appears in two shards (second: {file.name})")
-                try:
-                    tensors[key] = f.get_tensor(key)
-                except TypeError:  # a dtype numpy cannot name (bf16, fp8)
-                    raw_header = raw_header or _header(file)
-                    tensors[key] = _read_raw(file, raw_header, key)
+        try:
+            _read_file(file, tensors)
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, struct.error) as e:
+            raise ConversionError(f"{file} is not a valid safetensors file ({type(e).__name__}: {e}); "
+                                  "it may be damaged, cut short by an interrupted download, or another "
+                                  "format saved under this name") from None
     return tensors
+
+
+def _read_file(file: Path, tensors: dict[str, np.ndarray]) -> None:
+    raw_header = None
+    with safe_open(file, framework="numpy") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            if key in tensors:
+                raise ConversionError(f"tensor {key!r} appears in two shards (second: {file.name})")
+            try:
+                tensors[key] = f.get_tensor(key)
+            except TypeError:  # a dtype numpy cannot name (bf16, fp8)
+                raw_header = raw_header or _header(file)
+                tensors[key] = _read_raw(file, raw_header, key)
 
 
 def _header(file: Path) -> tuple[int, dict]:

@@ -24,7 +24,7 @@ import hashlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data.local_info import LocalDatasetInfo
+from mmjax.data.local_info import LocalBuildMessages, LocalDatasetInfo
 
 NUM_TRAIN = 1437
 NUM_TEST = 360
@@ -77,7 +77,7 @@ def split_rows(labels: np.ndarray, num_test: int = NUM_TEST) -> dict[str, np.nda
     return {"train": train, "test": test}
 
 
-class DigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class DigitsBuilder(LocalBuildMessages, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS builder for sklearn's 8×8 handwritten digits (see the module docstring).
 
     Not registered in TFDS's global name table (a future TFDS dataset called "digits" would clash

@@ -36,10 +36,14 @@ one); on_long_caption="reject" makes it a problem ("text_too_long") that on_erro
 Splits. By default 95% train / 5% test: records are grouped by image file (records that share an
 image always land in the same split, so no test image is seen in training), the groups ordered by
 a SHA-256 of (seed, file) and cut at the largest-remainder counts. So the import is deterministic
-and a split's size is exact unless groups of several records straddle a cut. With splits="field"
-(or splits=None and records that carry "split") each record's "split" field decides. A split that
-would be empty is an error. Records whose image turns out truncated only while the pixels are
-decoded (second pass) are dropped from the split they were given.
+and a split's size is exact unless groups of several records straddle a cut. Small imports: every
+split gets at least one image whenever there are at least as many images as splits, even where
+its fraction rounds to none (5% of 10 records: test gets 1 image, train the other 9). With fewer
+images than splits the import is an error that says what to pass instead (e.g.
+splits={"train": 1.0}). With splits="field" (or splits=None and records that carry "split") each
+record's "split" field decides. Records whose image turns out truncated only while the pixels are
+decoded (second pass) are dropped from the split they were given (a split left with none is an
+error).
 
 Atomicity. The dataset is built in a hidden staging directory inside data_dir (TFDS itself writes
 into an `incomplete.*` folder and renames it), `import_report.json` is written beside the version
@@ -374,25 +378,47 @@ def _group_key(seed: int, file: str) -> bytes:
     return hashlib.sha256(f"mmjax/import/{seed}/{os.path.normpath(file)}".encode()).digest()
 
 
-def _split_by_fraction(records: list[_Record], fractions: Mapping[str, float],
-                       seed: int) -> dict[str, list[_Record]]:
-    """Whole image groups, in hash order, fill the splits up to their largest-remainder counts:
-    a group goes to the split whose range [start, end) holds the group's first position."""
+def _image_groups(records: list[_Record]) -> dict[str, list[_Record]]:
     groups: dict[str, list[_Record]] = {}
     for r in records:
         groups.setdefault(os.path.normpath(r.file), []).append(r)
+    return groups
+
+
+def _split_by_fraction(records: list[_Record], fractions: Mapping[str, float],
+                       seed: int) -> dict[str, list[_Record]]:
+    """Whole image groups, in hash order, fill the splits up to their largest-remainder counts:
+    a group goes to the split whose range [start, end) holds the group's first position.
+
+    Small imports: every split gets at least one group when there are at least as many groups as
+    splits. A split whose count rounds to 0 takes one record from the largest count, and a split
+    left without a group (a group of several records straddled its range) takes the last group,
+    in hash order, of the split with the most groups. With fewer groups some split stays empty
+    (an error in `_plan`)."""
+    groups = _image_groups(records)
     counts = _apportion(len(records), fractions)
+    for name in fractions:
+        if counts[name] == 0:
+            largest = max(counts, key=lambda k: counts[k])  # the first of equal ones
+            if counts[largest] >= 2:
+                counts[largest] -= 1
+                counts[name] += 1
     bounds, end = [], 0
     for name, count in counts.items():
         end += count
         bounds.append((end, name))
-    by_split: dict[str, list[_Record]] = {name: [] for name in fractions}
+    assigned: dict[str, list[str]] = {name: [] for name in fractions}
     position = 0
     for file in sorted(groups, key=lambda f: _group_key(seed, f)):
         split = next(name for end, name in bounds if position < end)
-        by_split[split].extend(groups[file])
+        assigned[split].append(file)
         position += len(groups[file])
-    return by_split
+    for name in fractions:
+        if not assigned[name]:
+            donor = max(assigned, key=lambda k: len(assigned[k]))
+            if len(assigned[donor]) >= 2:
+                assigned[name].append(assigned[donor].pop())
+    return {name: [r for file in files for r in groups[file]] for name, files in assigned.items()}
 
 
 def _split_by_field(records: list[_Record], report) -> dict[str, list[_Record]]:
@@ -599,9 +625,14 @@ def _plan(images_dir: str, annotations: str, *, name: str, kind: str, image_size
         raise ValueError(f"{annotations}: no usable record (skipped: {dict(problems.skipped)})")
     for split, rs in by_split.items():
         if not rs:
-            raise ValueError(f"split {split!r} would be empty ({len(kept)} usable records, splits="
-                             f"{splits if splits is not None else DEFAULT_SPLITS}): give it a larger "
-                             "fraction, or \"split\" fields")
+            n_images = len(_image_groups(kept))
+            raise ValueError(
+                f"split {split!r} would be empty: {len(kept)} usable records of {n_images} image"
+                f"{'s' if n_images != 1 else ''} cannot fill the {len(by_split)} splits "
+                f"{splits if splits is not None else DEFAULT_SPLITS} (records that share an image "
+                f"stay in one split, and each split needs one image). Import at least {len(by_split)} "
+                "images, pass fewer splits, e.g. splits={'train': 1.0} for a single one, or give the "
+                "records \"split\" fields")
     description = (f"Imported by mmjax.data.importer.import_folder from {images_dir} and "
                    f"{annotations} ({kind}).")
     return _Plan(name=name, kind=kind, image_shape=_image_shape(kept, image_size), image_size=image_size,
@@ -656,7 +687,10 @@ def import_folder(images_dir: str | os.PathLike, annotations_jsonl: str | os.Pat
         which must then be the same for all.
       resize_mode: "squash", "center_crop" or "pad" (black bars), as DataConfig.resize_mode.
       splits: {"split": fraction, ...} summing to 1 (default {"train": 0.95, "test": 0.05}),
-        or "field" to take each record's "split"; None: "field" if any record has one.
+        or "field" to take each record's "split"; None: "field" if any record has one. Each split
+        gets at least one image when there are at least as many images as splits (so a small
+        folder imports with the default); with fewer, a ValueError says to pass fewer splits,
+        e.g. {"train": 1.0}, or "split" fields.
       on_error: "raise" (the first bad record raises BadInputError, nothing is written) or
         "skip" (drop it, warn, count it in import_report.json).
       max_caption_bytes: longest caption / conversation turn in UTF-8 bytes; None: no limit.

@@ -73,7 +73,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data.local_info import LocalDatasetInfo
+from mmjax.data.local_info import LocalBuildMessages, LocalDatasetInfo
 
 # --- vocabularies -------------------------------------------------------------------------------
 
@@ -508,7 +508,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     resolution: int = 32
 
 
-class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ShapesBuilder(LocalBuildMessages, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS builder for the procedural shapes scenes (see the module docstring).
 
     Configs "32" (default) and "64": the same scenes, captions and questions at two resolutions.

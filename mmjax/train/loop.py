@@ -96,6 +96,19 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
 
     cfg = validate(cfg)
     shd.maybe_initialize_distributed(cfg.mesh)
+    t = cfg.train
+    # The mesh and the batch are checked before anything is written to the workdir, so that the
+    # same workdir still takes the fixed config.
+    try:
+        mesh = shd.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh.shape={tuple(cfg.mesh.shape)} does not fit this machine: {e} "
+                          "(an entry of -1 takes the remaining devices, e.g. (-1,1,1))") from None
+    n_proc = jax.process_count()
+    if t.batch_size % (n_proc * mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data×fsdp mesh size "
+                          f"{mesh.shape['data'] * mesh.shape['fsdp']} and {n_proc} processes")
+
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_dict = to_dict(cfg)
@@ -104,13 +117,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     if is_main:
         (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
 
-    t = cfg.train
     task = get_task_class(cfg.task)(cfg)
-    mesh = shd.make_mesh(cfg.mesh)
-    n_proc = jax.process_count()
-    if t.batch_size % (n_proc * mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data×fsdp mesh size "
-                          f"{mesh.shape['data'] * mesh.shape['fsdp']} and {n_proc} processes")
 
     # Measured before the mesh context: the probe runs on one device.
     peak = t.peak_flops_per_device or measure_matmul_peak()
