@@ -125,3 +125,101 @@ def test_clip_bench_smoke_same_work_as_hf(tmp_path, capsys):
 def test_clip_bench_rejects_unknown_config():
     with pytest.raises(ValueError, match="unknown CLIP benchmark config 'XL/99'"):
         bench.run_clip_bench(configs=("XL/99",), out=None, verbose=False)
+
+
+def test_clip_bench_bf16_against_hf_autocast(tmp_path):
+    """--dtype bfloat16: ours computes in bf16 (params fp32), HF under torch.autocast bf16; the JSON
+    says so, the peak is the bf16 matmul peak, and both sides' step-0 losses agree to bf16 rounding."""
+    out = tmp_path / "clip_bf16.json"
+    assert bench.main(["--model", "clip", "--configs", "micro", "--dtype", "bfloat16", "--steps", "1", "--warmup",
+                       "1", "--scan-modes", "off", "--init-noise", "0.2", "--peak-matmul-n", "256", "--no-isolate",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["settings"]["dtype"] == "bfloat16" and "non_finite" not in res
+    peak = res["peak"]
+    assert peak["dtype"] == "bfloat16" and "bfloat16" in peak["what"] and _positive_finite(peak["flops_per_s"])
+    assert peak["datasheet"]["flops_per_s"] is None  # a CPU: no datasheet peak
+    (case,) = res["cases"]
+    ours, hf = case["ours"], case["hf"]
+    assert case["dtype"] == "bfloat16" and case["param_dtype"] == "float32"
+    assert ours["dtype"] == "bfloat16" and hf["autocast"] == "bfloat16" and hf["param_dtype"] == "float32"
+    enc = ours["mmjax_config"]["vision"]["encoder"], ours["mmjax_config"]["text"]["encoder"]
+    assert all(e["dtype"] == "bfloat16" and e["param_dtype"] == "float32" for e in enc)
+    assert hf["device"] == "cpu" and hf["attn_implementation"] == "sdpa"
+    for side in (ours, hf):
+        assert _positive_finite(side["loss_step0"]) and _positive_finite(side["mfu"])
+        assert side["peak_flops_per_s"] == peak["flops_per_s"] and side["mfu_datasheet"] is None
+    # bf16 keeps 8 bits of mantissa: the two implementations round differently, but not by much.
+    assert case["loss_step0_abs_diff"] < 0.02 * hf["loss_step0"], (ours["loss_step0"], hf["loss_step0"])
+
+
+def test_datasheet_peaks():
+    assert bench.datasheet_peak("NVIDIA H200", "gpu", "bfloat16")["flops_per_s"] == 989.4e12
+    h100 = bench.datasheet_peak("NVIDIA H100 80GB HBM3", "gpu", "float32")
+    assert h100["key"] == "tf32" and h100["flops_per_s"] == 494.7e12  # XLA's default fp32 precision there
+    assert bench.datasheet_peak("NVIDIA H100 PCIe", "gpu", "bfloat16")["flops_per_s"] is None
+    assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "gpu", "bfloat16")["flops_per_s"] == 312e12
+    assert bench.datasheet_peak("TPU v5 lite", "tpu", "bfloat16")["flops_per_s"] == 197e12
+    assert bench.datasheet_peak("TPU v5", "tpu", "float32")["flops_per_s"] == 459e12  # v5p; bf16 passes
+    assert bench.datasheet_peak("TPU v6 lite", "tpu", "bfloat16")["flops_per_s"] == 918e12
+    assert bench.datasheet_peak("TPU v4", "tpu", "bfloat16")["flops_per_s"] == 275e12
+    assert bench.datasheet_peak("cpu", "cpu", "float32")["flops_per_s"] is None
+    with pytest.raises(ValueError, match="dtype"):
+        bench.datasheet_peak("NVIDIA H200", "gpu", "float16")
+
+
+def test_gpu_suite_tiny_on_cpu(tmp_path, capsys):
+    """`--suite gpu` at tiny sizes, all in this process: the ViT and CLIP train steps against HF
+    (bf16, same weights: close step-0 losses), batch-2 decoding against HF generate, one table
+    and one JSON with the summary rows; on a CPU the datasheet peak is None."""
+    out = tmp_path / "gpu.json"
+    rc = bench.main(["--suite", "gpu", "--vit-variant", "mu/4", "--clip-config", "micro", "--image-size", "16",
+                     "--batch-size", "4", "--steps", "1", "--warmup", "1", "--decode-model", "micro",
+                     "--decode-batch-size", "2", "--decode-prompt-len", "3", "--decode-new-tokens", "6",
+                     "--decode-repeats", "1", "--peak-matmul-n", "256", "--no-isolate", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mmjax suite 'gpu' (bfloat16" in printed and "ours/HF" in printed and f"wrote {out}" in printed
+    for name in ("vit_train", "clip_train", "decode"):
+        assert name in printed
+
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "suite_gpu" and res["failed"] == [] and "non_finite" not in res
+    st = res["settings"]
+    assert st["dtype"] == "bfloat16" and st["cases"] == ["vit", "clip", "decode"] and st["hf"] is True
+    assert st["vit_variant"] == "mu/4" and st["clip_config"] == "micro" and st["batch_size"] == 4
+    peak = res["peak"]
+    assert peak["dtype"] == "bfloat16" and _positive_finite(peak["flops_per_s"])
+    assert peak["datasheet"] == {**peak["datasheet"], "device_kind": res["machine"]["device_kind"],
+                                 "flops_per_s": None}
+    assert set(res["cases"]) == {"vit_train", "clip_train", "decode"}
+
+    rows = {s["case"]: s for s in res["summary"]}
+    assert list(rows) == ["vit_train", "clip_train", "decode"]
+    for name, row in rows.items():
+        assert row["dtype"] == "bfloat16"
+        for key in ("ours", "hf", "ratio_ours_over_hf", "ours_mfu", "hf_mfu", "ours_compile_s"):
+            assert _positive_finite(row[key]), (name, key, row[key])
+        assert math.isclose(row["ratio_ours_over_hf"], row["ours"] / row["hf"], rel_tol=1e-9)
+        assert row["ours_mfu_datasheet"] is None and row["hf_mfu_datasheet"] is None
+
+    for name, model in (("vit_train", "vit"), ("clip_train", "clip")):
+        case = res["cases"][name]
+        ours, hf = case["ours"], case["hf"]
+        assert case["model"] == model and case["batch_size"] == 4 and case["dtype"] == "bfloat16"
+        assert rows[name]["unit"] == "images/s" and rows[name]["ours"] == ours["images_per_s"]
+        assert ours["num_params"] == hf["num_params"] and ours["flops_formula"] == hf["flops_formula"]
+        assert hf["autocast"] == "bfloat16" and hf["attn_implementation"] == "sdpa"
+        assert ours["mfu"] == pytest.approx(ours["achieved_flops_per_s"] / peak["flops_per_s"], rel=1e-12)
+        # The same weights and batch on both sides, bf16 compute on both.
+        assert case["loss_step0_abs_diff"] < 0.02 * hf["loss_step0"], (name, ours["loss_step0"], hf["loss_step0"])
+        assert rows[name]["check_value"] == case["loss_step0_abs_diff"]
+
+    dec = res["cases"]["decode"]
+    (c,) = dec["cases"]
+    assert dec["preset"] == "micro" and dec["model"]["dtype"] == "bfloat16" and c["batch_size"] == 2
+    assert dec["model"]["flops_per_token"] == 2 * dec["model"]["matmul_params"] > 0
+    assert rows["decode"]["unit"] == "tokens/s" and rows["decode"]["ours"] == c["ours"]["tokens_per_s"]
+    assert rows["decode"]["ours_mfu"] == pytest.approx(
+        dec["model"]["flops_per_token"] * c["ours"]["tokens_per_s"] / peak["flops_per_s"])
+    assert 0 <= rows["decode"]["check_value"] == c["tokens_match"] <= 1

@@ -274,7 +274,11 @@ def test_decode_bench_runs_both_sides_on_one_model(tmp_path):
         # Weights a step streams: all but the untied input embedding [128, 32], in fp32.
         step_bytes = 4 * (res["model"]["params"] - 128 * 32)
         assert s["weight_gb_per_s"] == pytest.approx(step_bytes / s["per_token_s"] / 1e9)
+        # FLOPs a step does: 2 × the weights it multiplies with (all but the input embedding and the norms).
+        assert s["achieved_flops_per_s"] == pytest.approx(res["model"]["flops_per_token"] * s["tokens_per_s"])
     assert case["ours"]["compile_s"] > 0 and case["hf"]["torch_threads"] == 1
+    assert res["model"]["dtype"] == "float32" and res["hf_device"] == "cpu"
+    assert res["model"]["flops_per_token"] == 2 * (res["model"]["params"] - 128 * 32 - 2 * 2 * 32 - 32)
     assert res["read_bandwidth"]["bytes_per_s"] > 1e8 and res["weight_major_rows"] == 2 and res["settle_s"] == 0.01
     assert res["cpu_kernel"] == (ops_cpu.unavailable_reason() or "mmjax.ops.cpu.rowdot")
     assert case["ratio_tokens_per_s"] == pytest.approx(case["ours"]["tokens_per_s"] / case["hf"]["tokens_per_s"])
