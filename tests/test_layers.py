@@ -236,7 +236,7 @@ def test_scan_equals_unscanned(remat):
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason=f"inspects XLA:CPU's reductions; this backend is {jax.default_backend()}")
 def test_dense_with_head_axes_sums_its_bias_gradient_over_a_2d_array():
-    """A q/k/v projection's output [B, T, H, Dh]: on the CPU the bias is added to the [B·T, H·Dh]
+    """A q/k/v projection's output [B, T, H, Dh]: under a CPU mesh the bias is added to the [B·T, H·Dh]
     product, so db is a column sum of a 2D array. Added to [B, T, H, Dh], db reduced two leading axes of
     a 4D array, which in the tiny CLIP step XLA:CPU rewrote into 4D reduce-windows that ran at under
     1 GB/s (101 ms of the step's 1.27 s of thread time for 24 such sums). In-rank 2 (the output
@@ -248,15 +248,22 @@ def test_dense_with_head_axes_sums_its_bias_gradient_over_a_2d_array():
                        (DenseGeneral(16, ("heads", "head_dim", "embed"), in_rank=2), x.reshape(40, 48, 4, 4))):
         params = nn.unbox(layer.init(jax.random.key(1), xin))
         f = jax.jit(jax.grad(lambda p, x, layer=layer: jnp.sum(jnp.tanh(layer.apply(p, x)))))
-        g = f(params, xin)["params"]
+        with _one_cpu_mesh():  # the layout is for programs traced for the CPU
+            g = f(params, xin)["params"]
+            hlo = f.lower(params, xin).compile().as_text()
         kernel = np.asarray(params["params"]["kernel"], np.float64)
         xn = np.asarray(xin, np.float64).reshape(40 * 48, -1)
         dy = 1 - np.tanh(xn @ kernel.reshape(xn.shape[1], -1)) ** 2
         np.testing.assert_allclose(g["kernel"], (xn.T @ dy).reshape(kernel.shape), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(g["bias"], dy.sum(0).reshape(g["bias"].shape), rtol=1e-4, atol=1e-4)
-        hlo = f.lower(params, xin).compile().as_text()
         sums = [line for line in hlo.splitlines() if re.search(r" (reduce|reduce-window)\(", line)]
         assert sums and all(re.search(r"= f32\[\d+\]\{0\} reduce", line) for line in sums), sums  # into [H·Dh]
+
+
+def _one_cpu_mesh():
+    from mmjax.sharding import MeshConfig, make_mesh
+    return jax.set_mesh(make_mesh(MeshConfig(shape=(1, 1, 1)), jax.devices()[:1]))
+
 
 def _dense_grads(flatten: bool):
     """Grads of sum(tanh(x · W + b)) for x [B, T, D] through DenseGeneral, and the compiled HLO; flatten:
@@ -266,7 +273,8 @@ def _dense_grads(flatten: bool):
     x = jax.random.normal(jax.random.key(0), (4, 24, 16))
     params = layer.init(jax.random.key(1), x)
     f = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(layer.apply(p, x)))))
-    return params, x, f(params, x), f.lower(params, x).compile().as_text()
+    with _one_cpu_mesh():
+        return params, x, f(params, x), f.lower(params, x).compile().as_text()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",

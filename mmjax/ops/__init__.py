@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from mmjax.ops import cpu, gpu, tpu, xla
 from mmjax.ops.cpu.ffi import usable
 from mmjax.ops.mask import AttentionMask, make_attention_mask, mask_array
-from mmjax.ops.policy import XLA_ONLY, OpsPolicy, note, on_platforms
+from mmjax.ops.policy import XLA_ONLY, OpsPolicy, mesh_platform, note, on_platforms
 
 DEFAULT = OpsPolicy()
 
@@ -32,14 +32,15 @@ DEFAULT = OpsPolicy()
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_rank: int = 1,
           policy: OpsPolicy = DEFAULT) -> jax.Array:
     """x [..., in...] · kernel [in..., out...] (+ bias [out...]) → [..., out...] (last `in_rank` axes of x
-    contracted). On the CPU with cpu_kernels: as a 2-D product (`mmjax.ops.cpu.dense_rows`)."""
+    contracted). Traced under a CPU mesh with cpu_kernels: as a 2-D product (`mmjax.ops.cpu.dense_rows`).
+    Without a mesh, XLA's product as it is: a per-platform branch for every dense layer would cost
+    more trace time than the layout gains."""
     if x.shape[x.ndim - in_rank:] != kernel.shape[:in_rank]:
         raise ValueError(f"dense: x's last {in_rank} axes {x.shape[x.ndim - in_rank:]} do not match the "
                          f"kernel's input axes {kernel.shape[:in_rank]}")
-    if not policy.cpu_kernels:
-        return xla.dense(x, kernel, bias, in_rank)
-    return on_platforms(x, kernel, bias, default=lambda x, w, b: xla.dense(x, w, b, in_rank),
-                        cpu=lambda x, w, b: cpu.dense_rows(x, w, b, in_rank))
+    if policy.cpu_kernels and mesh_platform() == "cpu":
+        return cpu.dense_rows(x, kernel, bias, in_rank)
+    return xla.dense(x, kernel, bias, in_rank)
 
 
 def dense_output_major(x: jax.Array, kernel_t: jax.Array, *, policy: OpsPolicy = DEFAULT) -> jax.Array:
@@ -98,9 +99,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Attent
             raise ValueError(f"OpsPolicy(attention={impl!r}) cannot run here: {reason}")
         return gpu.cudnn_attention(q, k, v, mask) if impl == "cudnn" else tpu.splash_attention(q, k, v, mask)
     branches = {}
-    if policy.cpu_kernels and cpu.attention_usable(q, k):
+    platform = mesh_platform()  # None: every platform's branch (chosen at lowering)
+    if policy.cpu_kernels and platform in (None, "cpu") and cpu.attention_usable(q, k):
         branches["cpu"] = lambda q, k, v, m: cpu.attention(q, k, v, mask_array(m, t, s))
-    if gpu.cuda_backend():
+    if platform in (None, "cuda") and gpu.cuda_backend():
         reason = gpu.unsupported(q, k, mask)
         if reason is None:
             if t % gpu.PAD_TO or s % gpu.PAD_TO:
@@ -108,7 +110,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Attent
             branches["cuda"] = gpu.cudnn_attention
         else:
             note(f"mmjax.ops: XLA attention on GPU for q {q.shape} {q.dtype}: {reason}")
-    if tpu.unsupported(q, k, mask) is None:
+    if platform in (None, "tpu") and tpu.unsupported(q, k, mask) is None:
         branches["tpu"] = tpu.splash_attention
     return on_platforms(q, k, v, mask, default=reference, **branches)
 
