@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `mmjax` console script: `main`, then exit. It first re-executes itself under glibc's
-    huge-page malloc (`mmjax.runtime`) only when asked, MMJAX_HUGEPAGE_MALLOC=1, or for `mmjax bench`
-    on a CPU backend, which also keeps malloc's memory between executions (one big train step at a
-    time, no data pipeline: the case where it pays; see mmjax/runtime.py and docs/cpu.md)."""
+    huge-page malloc (`mmjax.runtime`) only when asked, MMJAX_HUGEPAGE_MALLOC=1, or for the CPU
+    benchmarks on a CPU backend; `mmjax bench` also keeps malloc's memory between executions (one
+    big train step at a time, no data pipeline: the case where it pays; see docs/cpu.md)."""
     from mmjax.runtime import KEEP_MEMORY_VAR, reexec_requested, reexec_with_hugepage_malloc
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if reexec_requested(command, os.environ):

@@ -222,6 +222,13 @@ class Generation(NamedTuple):
     lengths: np.ndarray
 
 
+@functools.cache
+def _default_mesh() -> Mesh:
+    """A (data, fsdp, tensor) = (1, 1, 1) mesh on the default device."""
+    from mmjax.sharding import MeshConfig, make_mesh
+    return make_mesh(MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+
+
 def _platform(mesh: Mesh | None) -> str:
     """The platform the generation runs on: the mesh's devices, else the default device (where jit puts it)."""
     return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
@@ -590,10 +597,10 @@ class GenerationPlan:
     rules: Any
 
     def _context(self):
-        if self.mesh is None:
-            return contextlib.nullcontext()
+        # Traced and run under a mesh, so that mmjax.ops picks the implementations of the mesh's platform
+        # while tracing; without one, the default device's own one-device mesh (where jit runs it).
         stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(jax.set_mesh(self.mesh if self.mesh is not None else _default_mesh()))
         stack.enter_context(logical_rules(self.rules if self.rules is not None else current_rules()))
         return stack
 

@@ -9,8 +9,8 @@ measurements and the machines they come from are in docs/cpu.md ("glibc malloc t
 
 How to opt in. `GLIBC_TUNABLES` is read only when a process starts, so the `mmjax` command
 re-executes itself with the tunables added, before anything heavy is imported, when asked:
-MMJAX_HUGEPAGE_MALLOC=1 for any command; `mmjax bench` (a CPU benchmark; memory kept) does so by
-default when the backend would be the CPU, judged without importing JAX (JAX_PLATFORMS names cpu
+MMJAX_HUGEPAGE_MALLOC=1 for any command; the CPU benchmarks `mmjax bench` (memory kept) and
+`mmjax bench-decode` do so by default when the backend would be the CPU, judged without importing JAX (JAX_PLATFORMS names cpu
 first, or it is unset and no accelerator plugin is installed). MMJAX_HUGEPAGE_MALLOC=0 or
 MMJAX_NO_REEXEC=1 turns it off. In your own process: `GLIBC_TUNABLES=$(python -m mmjax.runtime
 --tunables) python ...`; `python -m mmjax.runtime` reports what applies on this machine.
@@ -32,8 +32,9 @@ OPT_IN = "MMJAX_HUGEPAGE_MALLOC"  # "1": the `mmjax` command re-executes with th
 KEEP_MEMORY_VAR = "MMJAX_KEEP_MEMORY"  # "1": add KEEP_MEMORY (set by `mmjax bench`)
 # Import names whose presence means JAX would pick an accelerator when JAX_PLATFORMS is unset.
 ACCELERATOR_PLUGINS = ("jax_plugins", "libtpu")
-# `mmjax` subcommands that re-execute without the opt-in, when the backend would be the CPU.
-REEXEC_COMMANDS = ("bench",)
+# `mmjax` subcommands that re-execute without the opt-in, when the backend would be the CPU: the CPU
+# benchmarks, whose figures against PyTorch were measured under the tunables (docs/cpu.md).
+REEXEC_COMMANDS = ("bench", "bench-decode")
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -77,8 +78,8 @@ def cpu_backend_expected(environ: Mapping[str, str], *, plugins: Sequence[str] =
 def reexec_requested(command: str | None, environ: Mapping[str, str], *,
                      cpu: bool | None = None) -> bool:
     """Whether the `mmjax` command `command` ("train", "bench", ...) should re-execute itself under
-    the malloc tunables: MMJAX_HUGEPAGE_MALLOC=1 for any command, and `mmjax bench` on a CPU backend
-    unless MMJAX_HUGEPAGE_MALLOC=0 (module docstring). `cpu`: whether the backend would be the CPU
+    the malloc tunables: MMJAX_HUGEPAGE_MALLOC=1 for any command, and the benchmarks (`mmjax bench`,
+    `mmjax bench-decode`) on a CPU backend unless MMJAX_HUGEPAGE_MALLOC=0 (module docstring). `cpu`: whether the backend would be the CPU
     (None: `cpu_backend_expected(environ)`)."""
     choice = environ.get(OPT_IN, "").strip()
     if choice == "1":

@@ -76,9 +76,9 @@ def _reexecs(monkeypatch, argv, environ):
     return calls[0] if calls else None
 
 
-@pytest.mark.parametrize("command", ["train", "bench-decode", "bench-data"])
+@pytest.mark.parametrize("command", ["train", "bench-data"])
 def test_entry_does_not_reexec_by_default(monkeypatch, command):
-    """Only MMJAX_HUGEPAGE_MALLOC=1 (or `mmjax bench` on a CPU) re-executes the command."""
+    """Only MMJAX_HUGEPAGE_MALLOC=1 (or a CPU benchmark on a CPU) re-executes the command."""
     assert _reexecs(monkeypatch, [command, "--help"], {}) is None
     assert _reexecs(monkeypatch, [command, "--help"], {"JAX_PLATFORMS": "cpu"}) is None
 
@@ -104,7 +104,8 @@ def test_the_train_step_benchmark_reexecs_on_a_cpu_backend_and_keeps_the_memory(
 
 @pytest.mark.parametrize("command, environ, cpu, expected", [
     ("train", {}, True, False),
-    ("bench-decode", {}, True, False),
+    ("bench-decode", {}, True, True),
+    ("bench-decode", {}, False, False),
     ("bench", {}, True, True),
     ("bench", {}, False, False),                        # an accelerator: the tunables are for XLA:CPU
     ("train", {"MMJAX_HUGEPAGE_MALLOC": "1"}, False, True),
