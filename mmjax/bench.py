@@ -193,7 +193,7 @@ def _device_memory_figures(device=None) -> dict:
     device = device or jax.devices()[0]
     try:
         stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 — a backend without the counters
+    except Exception:
         stats = None
     if not stats:
         return {}
@@ -1420,7 +1420,7 @@ def run_gpu_suite(*, vit_variant: str = "B/16", clip_config: str = "B/16", image
             t = time.perf_counter()
             try:
                 r = fn(**kwargs)
-            except Exception as e:  # noqa: BLE001 — recorded; the other cases still run
+            except Exception as e:
                 import traceback
                 first = (str(e).strip().splitlines() or [""])[0]
                 r = {"error": traceback.format_exc(), "error_message": f"{type(e).__name__}: {first}"}

@@ -1,12 +1,13 @@
 """The `mmjax` command.
 
     mmjax train --config experiments/vit_digits.py --workdir runs/vit_digits [--config.KEY=VALUE ...]
-    mmjax bench [--model vit|clip] [...]
+    mmjax bench [--model vit|clip] [--dtype bfloat16] [...]     train steps vs HF, MFU
+    mmjax bench --suite gpu [--out bench_gpu.json]              ViT-B/16, CLIP-B/16, decode vs PyTorch
     mmjax bench-data [--name shapes] [...]
     mmjax bench-decode [--batch-sizes 8,1] [...]
 
 Environment: MMJAX_HUGEPAGE_MALLOC=1 re-executes any command under glibc malloc tunables for
-XLA:CPU (huge pages); `mmjax bench` does so by default when the backend would be the CPU
+XLA:CPU (huge pages); the benchmarks do so by default when the backend would be the CPU
 (MMJAX_HUGEPAGE_MALLOC=0 turns that off). See mmjax/runtime.py and docs/cpu.md.
 """
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
     tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
-    sub.add_parser("bench", help="train-step benchmarks: ViT, or CLIP vs HF CLIPModel (see mmjax bench --help)")
+    sub.add_parser("bench", help="train-step benchmarks: ViT, CLIP vs HF CLIPModel, --suite gpu "
+                                 "(see mmjax bench --help)")
     sub.add_parser("bench-decode", help="greedy decoding vs HF generate (see mmjax bench-decode --help)")
 
     rest, overrides = _split_overrides(argv)

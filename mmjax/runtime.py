@@ -10,8 +10,8 @@ measurements and the machines they come from are in docs/cpu.md ("glibc malloc t
 How to opt in. `GLIBC_TUNABLES` is read only when a process starts, so the `mmjax` command
 re-executes itself with the tunables added, before anything heavy is imported, when asked:
 MMJAX_HUGEPAGE_MALLOC=1 for any command; the CPU benchmarks `mmjax bench` (memory kept) and
-`mmjax bench-decode` do so by default when the backend would be the CPU, judged without importing JAX (JAX_PLATFORMS names cpu
-first, or it is unset and no accelerator plugin is installed). MMJAX_HUGEPAGE_MALLOC=0 or
+`mmjax bench-decode` do so by default when the backend would be the CPU, judged without importing
+JAX (JAX_PLATFORMS names cpu first, or it is unset and no accelerator plugin is installed). MMJAX_HUGEPAGE_MALLOC=0 or
 MMJAX_NO_REEXEC=1 turns it off. In your own process: `GLIBC_TUNABLES=$(python -m mmjax.runtime
 --tunables) python ...`; `python -m mmjax.runtime` reports what applies on this machine.
 """
@@ -79,8 +79,8 @@ def reexec_requested(command: str | None, environ: Mapping[str, str], *,
                      cpu: bool | None = None) -> bool:
     """Whether the `mmjax` command `command` ("train", "bench", ...) should re-execute itself under
     the malloc tunables: MMJAX_HUGEPAGE_MALLOC=1 for any command, and the benchmarks (`mmjax bench`,
-    `mmjax bench-decode`) on a CPU backend unless MMJAX_HUGEPAGE_MALLOC=0 (module docstring). `cpu`: whether the backend would be the CPU
-    (None: `cpu_backend_expected(environ)`)."""
+    `mmjax bench-decode`) on a CPU backend unless MMJAX_HUGEPAGE_MALLOC=0 (module docstring). `cpu`:
+    whether the backend would be the CPU (None: `cpu_backend_expected(environ)`)."""
     choice = environ.get(OPT_IN, "").strip()
     if choice == "1":
         return True

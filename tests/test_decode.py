@@ -21,12 +21,12 @@ import transformers as T
 
 import mmjax
 from mmjax.config import replace_in
-from mmjax.layers import TransformerConfig
-from mmjax.ops import OpsPolicy
-from mmjax.ops import cpu as ops_cpu
 from mmjax.data.tokenizers import ByteTokenizer
 from mmjax.decode import generate, prepare_generate
+from mmjax.layers import TransformerConfig
 from mmjax.models.lm import LM
+from mmjax.ops import OpsPolicy
+from mmjax.ops import cpu as ops_cpu
 from mmjax.sharding import MeshConfig, make_mesh
 
 VOCAB, PAD, NEW = 128, 0, 32

@@ -86,7 +86,7 @@ def test_dense_output_major_uses_the_kernel_for_a_few_fp32_rows_and_xla_otherwis
     x = rng.standard_normal((2, 3, 32), np.float32)     # [B, T, K]: six rows
     ref = np.einsum("nk,btk->btn", w_t.astype(np.float64), x.astype(np.float64))
 
-    def hlo(w, a, policy=OpsPolicy()):
+    def hlo(w, a, policy=ops.DEFAULT):
         return jax.jit(lambda w, a: ops.dense_output_major(a, w, policy=policy)).lower(w, a).compile().as_text()
 
     assert "mmjax_rowdot" in hlo(w_t, x)
@@ -436,7 +436,7 @@ def test_output_major_uses_the_transpose_kernel_for_fp32_on_the_cpu():
     for in_rank in (1, 2):
         want = w.reshape(int(np.prod(w.shape[:in_rank])), -1).T
         np.testing.assert_array_equal(np.asarray(jax.jit(lambda w, r=in_rank: ops.output_major(w, r))(w)), want)
-    hlo = lambda w, policy=OpsPolicy(): jax.jit(lambda w: ops.output_major(w, 1, policy=policy)).lower(w).as_text()
+    hlo = lambda w, policy=ops.DEFAULT: jax.jit(lambda w: ops.output_major(w, 1, policy=policy)).lower(w).as_text()
     assert library.TRANSPOSE in hlo(w)
     assert library.TRANSPOSE not in hlo(jnp.asarray(w, jnp.bfloat16))
     assert library.TRANSPOSE not in hlo(w, OpsPolicy(cpu_kernels=False))

@@ -85,8 +85,9 @@ class Block(nn.Module):
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         y = Attention(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                       use_bias=c.use_bias, rope_base=c.rope_base, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
-                      dtype=dt, param_dtype=pdt, ops=c.ops, name="attn")(norm("norm1")(x), mask=mask, positions=positions,
-                                   deterministic=deterministic, cache=cache, cache_index=cache_index)
+                      dtype=dt, param_dtype=pdt, ops=c.ops, name="attn")(
+            norm("norm1")(x), mask=mask, positions=positions, deterministic=deterministic, cache=cache,
+            cache_index=cache_index)
         if cache is not None:
             y, cache = y
         x = x + nn.Dropout(c.dropout)(y, deterministic=deterministic)

@@ -62,12 +62,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from mmjax.config import config
 from mmjax import ops
+from mmjax.config import config
 from mmjax.layers import DenseGeneral, Transformer, TransformerConfig
-from mmjax.ops import AttentionMask
 from mmjax.layers.transformer import init_kv_cache, kv_cache_logical_axes, to_dtype
 from mmjax.models.text import check_token_ids
+from mmjax.ops import AttentionMask
 from mmjax.sharding import constrain, logical_to_spec
 
 

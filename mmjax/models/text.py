@@ -20,9 +20,9 @@ import numpy as np
 
 from mmjax.config import config
 from mmjax.layers import LearnedPosEmb, Transformer, TransformerConfig
-from mmjax.ops import AttentionMask
 from mmjax.layers.transformer import to_dtype
 from mmjax.models.vit import MapHead
+from mmjax.ops import AttentionMask
 from mmjax.sharding import constrain
 
 TextPool = Literal["eot_argmax", "eos", "last", "first", "mean", "map"]

@@ -31,7 +31,8 @@ def unsupported(q: jax.Array, k: jax.Array, mask) -> str | None:
     """Why splash attention cannot take these operands, or None."""
     if mask is not None and not isinstance(mask, AttentionMask):
         return "an arbitrary mask array (splash takes no mask, a causal one, or padding as segment ids)"
-    if mask is not None and (mask.prefix_len is not None or not (isinstance(mask.q_offset, int) and mask.q_offset == 0)):
+    offset_zero = mask is None or (isinstance(mask.q_offset, int) and mask.q_offset == 0)
+    if mask is not None and (mask.prefix_len is not None or not offset_zero):
         return "a prefix-LM mask or a query offset"
     if mask is not None and mask.causal and q.shape[1] != k.shape[1]:
         return "a causal mask between sequences of different lengths"
