@@ -24,8 +24,8 @@ model's cache protocol (positions = cumsum(valid) − 1, kv_valid over every slo
     out.sequences[i]   prompt + generated ids of row i (through EOS), numpy int32
     out.tokens         [B, 32] generated ids, pad_id after EOS;  out.lengths [B]
 
-On the CPU (with the model's OpsPolicy cpu_kernels, one device, fp32, unscanned layers), batches of
-≥ WEIGHT_MAJOR_ROWS rows decode with output-major copies of the dense kernels, made once per call
+On the CPU (with the model's OpsPolicy cpu_kernels, one device, fp32, unscanned layers), generation
+decodes with output-major copies of the dense kernels, made once per call
 before the prefill: a few rows stream the weights faster that way, through mmjax's native small-rows
 matmul (`mmjax.ops.dense_output_major`). The layers are not told: `nn.intercept_methods` routes each
 DenseGeneral call to the copy of its kernel, from outside the model. It costs a second copy of the
@@ -58,8 +58,9 @@ from mmjax.sharding import current_rules, logical_rules, tree_shardings
 
 NEG_INF = -jnp.inf
 # On the CPU, batches of at least this many rows (prompts, doubled with CFG) decode with output-major
-# kernel copies (module docstring); at one row XLA's dot reads the stored layout as fast (docs/cpu.md).
-WEIGHT_MAJOR_ROWS: int | None = 2
+# kernel copies (module docstring). Since q, k and v are three products, one row gains from them too
+# (batch 1, alternated in one process: 1177 → 1129 ms per 128-token call; docs/cpu.md).
+WEIGHT_MAJOR_ROWS = 1
 
 
 # ----------------------------------------------------------------------------------------------
