@@ -62,3 +62,4 @@ def restore_params(workdir, step):
 @pytest.fixture
 def read_params():
     return restore_params
+

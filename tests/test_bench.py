@@ -142,6 +142,7 @@ def test_datasheet_peaks():
         bench.datasheet_peak("NVIDIA H200", "gpu", "float16")
 
 
+@pytest.mark.slow
 def test_gpu_suite_tiny_on_cpu(tmp_path, capsys):
     """`--suite gpu` at tiny sizes, all in this process: the ViT and CLIP train steps against HF
     (bf16, same weights: close step-0 losses), batch-2 decoding against HF generate, one table

@@ -22,6 +22,7 @@ def _code_cells(path: Path) -> list[str]:
     return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_a_kernel_from_its_own_folder(path, digits_dir, monkeypatch):
     monkeypatch.setenv("MMJAX_DATA_DIR", digits_dir)  # the kernel inherits the environment

@@ -66,6 +66,7 @@ def test_negatives_reach_the_loss_through_the_text_tower(digits_dir, k):
         ContrastiveTask(apply_overrides(cfg, ["loss.kind=siglip_chunked", "model.logit_bias_init=-10"]))
 
 
+@pytest.mark.slow
 def test_training_with_negatives_learns_the_digit_words(digits_dir, tmp_path):
     cfg = _cfg(digits_dir, "train.steps=600", "train.log_every=200", "train.eval_every=600",
                "train.checkpoint_every=600", "optim.peak_lr=3e-3")

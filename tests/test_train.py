@@ -28,6 +28,7 @@ def _cfg(digits_dir, *extra):
                            TINY + [f"data.data_dir={digits_dir}", *extra])
 
 
+@pytest.mark.slow
 def test_run_writes_outputs_and_learns(digits_dir, tmp_path):
     cfg = _cfg(digits_dir, "train.steps=40", "train.log_every=10", "train.eval_every=20",
                "train.checkpoint_every=20")
@@ -136,6 +137,7 @@ def test_sigkill_resume_is_bitwise(digits_dir, tmp_path, read_params):
     assert steps == sorted(set(steps)) == list(range(25, 151, 25))
 
 
+@pytest.mark.slow
 def test_resume_onto_a_different_mesh(digits_dir, tmp_path, read_params, capsys):
     """Checkpoint on a (8,1,1) mesh, resume on (1,4,2): the same result as never stopping."""
     import shutil
