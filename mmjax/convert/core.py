@@ -24,18 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import ConfigError, from_dict
-from mmjax.convert import hf_clip, hf_io, hf_llama, hf_vit
+from mmjax.convert import diffusers_ae, hf_clip, hf_io, hf_llama, hf_vit
 from mmjax.convert.family import Family, LoadOptions
 from mmjax.convert.rules import ConversionError, KeyDiffError, export_tensors, fmt_shape, import_tensors
 from mmjax.convert.tree import flatten, is_scanned, plain_params, scan_tree, unflatten, unscan_tree
 
 # Every family, explicitly (no string-based imports). Later: LLaVA.
-FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY, hf_clip.CLIP_FAMILY, hf_clip.SIGLIP_FAMILY, hf_llama.FAMILY)
+FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY, hf_clip.CLIP_FAMILY, hf_clip.SIGLIP_FAMILY, hf_llama.FAMILY,
+                                diffusers_ae.VQ_FAMILY, diffusers_ae.KL_FAMILY)
 
 
 def supported() -> str:
     """'vit (ViTModel, ViTForImageClassification), ...' for error messages."""
-    return "; ".join(f"{'/'.join(f.model_types)} ({', '.join(f.architectures)})" for f in FAMILIES)
+    return "; ".join(f"{'/'.join(f.model_types)} ({', '.join(f.architectures)})" if f.model_types
+                     else f"diffusers {'/'.join(f.class_names)}" for f in FAMILIES)
 
 
 def find_family(hf_config: Mapping[str, Any], where: str = "config.json") -> Family:
@@ -43,6 +45,13 @@ def find_family(hf_config: Mapping[str, Any], where: str = "config.json") -> Fam
     was found and what is supported."""
     model_type = hf_config.get("model_type")
     archs = hf_config.get("architectures")
+    class_name = hf_config.get("_class_name")  # diffusers writes this instead of model_type
+    if not model_type and class_name:
+        for family in FAMILIES:
+            if class_name in family.class_names:
+                return family
+        raise ConversionError(f"{where}: diffusers _class_name {class_name!r} is not supported by mmjax's "
+                              f"converters. Supported: {supported()}")
     if not model_type:
         raise ConversionError(f"{where} has no 'model_type' (architectures: {archs}); cannot tell which "
                               f"converter applies. Supported: {supported()}")
@@ -111,8 +120,8 @@ def load_pretrained(path: str | os.PathLike, **options) -> tuple[nn.Module, dict
       KeyDiffError (tensors do not fit the model).
     """
     hf_config = hf_io.read_config(path)
-    find_family(hf_config, where=str(Path(path) / hf_io.CONFIG))  # fail on the family before reading GBs
-    tensors = hf_io.read_tensors(path)
+    family = find_family(hf_config, where=str(Path(path) / hf_io.CONFIG))  # fail on the family before reading GBs
+    tensors = hf_io.read_tensors(path, family.weights_file, family.index_file)
     return from_hf(hf_config, tensors, source=str(path), **options)
 
 
@@ -136,7 +145,7 @@ def save_pretrained(model: nn.Module, params, path: str | os.PathLike) -> Path:
     """Writes `path/config.json` + `path/model.safetensors` in the family's HF layout, loadable by
     transformers' `from_pretrained` and by `load_pretrained`. Returns the directory."""
     config, tensors = to_hf(model, params)
-    return hf_io.write_dir(path, config, tensors)
+    return hf_io.write_dir(path, config, tensors, family_for_model(model).weights_file)
 
 
 export_hf = save_pretrained

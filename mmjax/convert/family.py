@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 
 from mmjax.config import config
+from mmjax.convert import hf_io
 from mmjax.convert.rules import DEFAULT_IGNORE, ConversionError, Rule
 from mmjax.layers.transformer import RematPolicy
 from mmjax.ops import OpsPolicy
@@ -68,7 +69,10 @@ class Family:
     name: str = ""
     model_types: tuple[str, ...] = ()  # config.json "model_type" values this family reads
     architectures: tuple[str, ...] = ()  # config.json "architectures" entries it supports
+    class_names: tuple[str, ...] = ()  # diffusers: config.json "_class_name" values (no model_type there)
     model_class: type[nn.Module] | None = None  # our module it exports from
+    weights_file: str = hf_io.WEIGHTS  # diffusers: diffusion_pytorch_model.safetensors
+    index_file: str = hf_io.INDEX
 
     def plan_import(self, hf_config: dict, keys: Collection[str], options: LoadOptions) -> ImportPlan:
         raise NotImplementedError

@@ -51,36 +51,37 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ConversionError(f"{cfg_file} is not valid JSON: {e}") from None
 
 
-def weight_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a directory (one file, or the shards named by the index)."""
+def weight_files(path: str | os.PathLike, weights: str = WEIGHTS, index: str = INDEX) -> list[Path]:
+    """The safetensors files of a directory (one file, or the shards named by the index). `weights` /
+    `index` name them (diffusers: diffusion_pytorch_model.safetensors[.index.json])."""
     path = Path(path)
-    if (path / INDEX).is_file():
-        index = json.loads((path / INDEX).read_text())
-        shards = sorted(set(index.get("weight_map", {}).values()))
+    if (path / index).is_file():
+        weight_map = json.loads((path / index).read_text()).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
         absent = [s for s in shards if not (path / s).is_file()]
         if absent:
-            raise FileNotFoundError(f"{path / INDEX} names shard(s) that are not there: {absent}")
+            raise FileNotFoundError(f"{path / index} names shard(s) that are not there: {absent}")
         return [path / s for s in shards]
-    if (path / WEIGHTS).is_file():
-        return [path / WEIGHTS]
+    if (path / weights).is_file():
+        return [path / weights]
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
     if pickled:
         raise ConversionError(
-            f"{path} has only pickled weights ({', '.join(pickled)}) and no {WEIGHTS}. mmjax refuses "
+            f"{path} has only pickled weights ({', '.join(pickled)}) and no {weights}. mmjax refuses "
             "pickled weights: unpickling a file can run arbitrary code. Convert them to safetensors "
             "once, where you trust the file, e.g. `transformers` "
             "AutoModel.from_pretrained(dir).save_pretrained(dir) (writes model.safetensors), or "
-            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors').")
+            f"safetensors.torch.save_file(torch.load(f, weights_only=True), '{weights}').")
     others = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors")
-    hint = f" (other safetensors files here: {others}; rename or add {INDEX})" if others else ""
-    raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {path} (found: {_listing(path)}){hint}")
+    hint = f" (other safetensors files here: {others}; rename or add {index})" if others else ""
+    raise FileNotFoundError(f"no {weights} or {index} in {path} (found: {_listing(path)}){hint}")
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_tensors(path: str | os.PathLike, weights: str = WEIGHTS, index: str = INDEX) -> dict[str, np.ndarray]:
     """All tensors of an HF model directory as numpy arrays {key: array}, in their stored dtype.
     A file that is not valid safetensors raises a ConversionError naming it."""
     tensors: dict[str, np.ndarray] = {}
-    for file in weight_files(path):
+    for file in weight_files(path, weights, index):
         try:
             _read_file(file, tensors)
         except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, struct.error) as e:
@@ -123,12 +124,14 @@ def _read_raw(file: Path, header: tuple[int, dict], key: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=_RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def write_dir(path: str | os.PathLike, config: dict, tensors: dict[str, np.ndarray]) -> Path:
-    """Writes config.json and model.safetensors (metadata format "pt", as transformers expects)."""
+def write_dir(path: str | os.PathLike, config: dict, tensors: dict[str, np.ndarray],
+              weights: str = WEIGHTS) -> Path:
+    """Writes config.json and model.safetensors (or `weights`; metadata format "pt", as transformers
+    and diffusers expect)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(path / WEIGHTS),
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(path / weights),
               metadata={"format": "pt"})
     return path
 
