@@ -420,9 +420,8 @@ def jax_train_stepper(task, cfg, local_batch: dict, *, params=None, extra_figure
 
     from mmjax import sharding as shd
     from mmjax.train.loop import create_sharded_state
-    from mmjax.train.optim import make_optimizer
     from mmjax.train.state import TrainState
-    from mmjax.train.step import jit_train_step, make_train_step
+    from mmjax.train.step import jit_train_step
 
     rss_start = _current_rss_bytes()
     batch_size = int(next(iter(local_batch.values())).shape[0])
@@ -432,7 +431,7 @@ def jax_train_stepper(task, cfg, local_batch: dict, *, params=None, extra_figure
     seed = cfg.train.seed
     with jax.set_mesh(mesh), shd.logical_rules(cfg.mesh.rules):
         boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, nn.meta.unbox(boxed))
+        tx, schedule = task.make_optimizer(cfg.train.steps, nn.meta.unbox(boxed))
         init_fn, _, state_sh, _ = create_sharded_state(task, cfg, mesh, tx)
         t = time.perf_counter()
         if params is None:
@@ -448,7 +447,7 @@ def jax_train_stepper(task, cfg, local_batch: dict, *, params=None, extra_figure
         example = task.example_batch(batch_size)
         batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in example.items()}
         batch = shd.make_global_batch(local_batch, mesh)
-        step_fn = jit_train_step(make_train_step(task.loss_fn, tx, schedule), state_sh, batch_sh)
+        step_fn = jit_train_step(task.make_train_step(tx, schedule), state_sh, batch_sh)
 
         t0 = time.perf_counter()
         lowered = step_fn.lower(state, batch)

@@ -5,12 +5,14 @@ A task class is registered here under the name an experiment config's `task` fie
 
 from __future__ import annotations
 
+from mmjax.tasks.autoencoder import AutoencoderTask
 from mmjax.tasks.base import Task
 from mmjax.tasks.classification import ClassificationTask
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.lm import LMTask
 
 TASKS: dict[str, type[Task]] = {
+    "autoencoder": AutoencoderTask,
     "classification": ClassificationTask,
     "contrastive": ContrastiveTask,
     "lm": LMTask,
@@ -23,4 +25,4 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "ClassificationTask", "ContrastiveTask", "LMTask", "Task", "get_task_class"]
+__all__ = ["TASKS", "AutoencoderTask", "ClassificationTask", "ContrastiveTask", "LMTask", "Task", "get_task_class"]

@@ -33,6 +33,19 @@ class Task(abc.ABC):
     def init_extra(self, params) -> Any:
         return {}
 
+    def make_optimizer(self, total_steps: int, params_example) -> tuple[Any, Any]:
+        """→ (optax tx, lr schedule) over the whole param tree. Default: `cfg.optim` for every param;
+        a task with several players (a GAN) returns one `optax.multi_transform` with a group each."""
+        from mmjax.train.optim import make_optimizer
+        return make_optimizer(self.cfg.optim, total_steps, params_example)
+
+    def make_train_step(self, tx, schedule):
+        """→ the pure `(state, batch) -> (state, metrics)` the loop jits. Default: the step factory
+        over `loss_fn`; a task whose update is not one gradient of one loss (a GAN's two players,
+        an EMA codebook written after the optimizer) builds its own step here."""
+        from mmjax.train.step import make_train_step
+        return make_train_step(self.loss_fn, tx, schedule)
+
     @abc.abstractmethod
     def loss_fn(self, params, extra, batch: dict, rng: jax.Array):
         """→ (scalar loss, (metrics dict, new extra)). A mean over the global batch."""
@@ -58,6 +71,12 @@ class Task(abc.ABC):
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return self.summarize_eval(sums)
+
+    def save_eval_artifacts(self, params, extra, mesh, directory, step: int) -> None:
+        """Called on the main process after each evaluation: write what a person should look at
+        (PNG grids of reconstructions or samples) under `directory` (the run's workdir).
+        Default: nothing to look at."""
+        return None
 
     @abc.abstractmethod
     def train_flops_per_example(self) -> float:

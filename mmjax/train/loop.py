@@ -16,7 +16,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,9 +25,8 @@ from mmjax.experiment import RESUMABLE_KEYS, ExperimentConfig, validate
 from mmjax.tasks import Task, get_task_class
 from mmjax.train.checkpoint import Checkpointer, abstract_like
 from mmjax.train.metrics import MetricWriter, measure_matmul_peak, mfu
-from mmjax.train.optim import make_optimizer
 from mmjax.train.state import TrainState
-from mmjax.train.step import jit_train_step, make_train_step
+from mmjax.train.step import jit_train_step
 
 
 class NonFiniteError(FloatingPointError):
@@ -53,12 +51,35 @@ def create_sharded_state(task: Task, cfg: ExperimentConfig, mesh, tx):
     boxed = jax.eval_shape(task.init_params, rng)
     param_sh = shd.tree_shardings(boxed, mesh, rules)
     abstract = jax.eval_shape(init_state, rng)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = _opt_state_shardings(abstract.opt_state, abstract.params, param_sh, replicated)
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
                           extra=jax.tree.map(lambda _: replicated, abstract.extra))
     init_fn = jax.jit(init_state, out_shardings=state_sh)
     return init_fn, abstract_like(abstract, state_sh), state_sh, param_sh
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _opt_state_shardings(opt_state, params, param_sh, replicated):
+    """Each optimizer-state leaf that mirrors a param (Adam's mu and nu, momentum; inside any
+    composition of chains, masks and multi_transform groups) takes that param's sharding: a leaf
+    whose dict-key path ends with a param's path and has its shape. Everything else (counts,
+    scalars) is replicated."""
+    by_path = {}
+    for (path, p), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh)):
+        by_path[_dict_keys(path)] = (p.shape, sh)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def check_workdir_config(workdir: Path, cfg_dict: dict) -> None:
@@ -123,7 +144,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     peak = t.peak_flops_per_device or measure_matmul_peak()
     with jax.set_mesh(mesh), shd.logical_rules(cfg.mesh.rules):
         boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-        tx, schedule = make_optimizer(cfg.optim, t.steps, nn.meta.unbox(boxed))
+        tx, schedule = task.make_optimizer(t.steps, nn.meta.unbox(boxed))
         init_fn, abstract_state, state_sh, param_sh = create_sharded_state(task, cfg, mesh, tx)
 
         train_iter = pipeline.train_iterator(cfg.data, global_batch_size=t.batch_size, seed=t.seed)
@@ -139,7 +160,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
 
         example = task.example_batch(t.batch_size)
         batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in example.items()}
-        step_fn = jit_train_step(make_train_step(task.loss_fn, tx, schedule), state_sh, batch_sh)
+        step_fn = jit_train_step(task.make_train_step(tx, schedule), state_sh, batch_sh)
 
         writer = MetricWriter(workdir)
         flops = task.train_flops_per_example()
@@ -191,6 +212,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                     if eval_due:
                         last_eval = task.evaluate(state.params, state.extra, mesh)
                         writer.write(s, last_eval, prefix="eval/")
+                        if is_main:
+                            task.save_eval_artifacts(state.params, state.extra, mesh, workdir, s)
                         if bar is not None:
                             # Numbers only: text results (an LM's sampled captions) go to the files.
                             bar.write(f"step {s}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()
@@ -201,6 +224,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
             if not last_eval:
                 last_eval = task.evaluate(state.params, state.extra, mesh)
                 writer.write(int(state.step), last_eval, prefix="eval/")
+                if is_main:
+                    task.save_eval_artifacts(state.params, state.extra, mesh, workdir, int(state.step))
             if t.steps not in ckpt.all_steps() and start < t.steps:
                 ckpt.save(t.steps, state, data_iterator=train_iter, config=cfg_dict, force=True)
         finally:
