@@ -1,7 +1,6 @@
 """PSNR, the Fréchet distance and KID against hand computations and direct implementations; the shapes
 probe's targets and scores on hand-built examples, a short training run and its cache."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -215,12 +214,3 @@ def test_short_training_beats_chance_and_is_cached(tmp_path):
     assert set(probe.attribute_accuracy(images, labels)) == set(P.ATTRIBUTES)
     with pytest.raises(ValueError, match=r"\[B, 32, 32, 3\]"):
         probe.predict(images[:, :16, :16])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MMJAX_TEST_FULL_PROBE"),
-                    reason="builds the full shapes set and trains the default probe (minutes): MMJAX_TEST_FULL_PROBE=1")
-def test_full_probe_reads_real_test_images(tmp_path_factory):
-    """The default probe on the full 32-px dataset: >= 99% on every attribute of the test split."""
-    probe = P.load_or_train_probe(32, str(tmp_path_factory.mktemp("tfds_full")))
-    assert all(v >= 0.99 for v in probe.test_accuracy.values()), probe.test_accuracy
