@@ -47,7 +47,7 @@ class Norm(nn.Module):
 def normalize_channels_last(x: jax.Array, groups: int, eps: float, *, over_batch: bool = False) -> jax.Array:
     """(x − μ) / √(σ² + eps) for x [B, H, W, C] with the C channels in `groups` contiguous groups;
     μ, σ² (biased) over (H, W, C/groups) per example (GroupNorm), or also over B with `over_batch`
-    (training-mode BatchNorm when groups == C). float32 in, float32 out; no affine.
+    (training-mode BatchNorm when groups == C). float32 in, float32 out; no learned scale or shift.
 
     Both moments are reduced over the spatial axes first (per channel, [B, C]) and only then over
     the channels of a group: XLA:CPU reduces a 5-D [B, H, W, G, C/G] view over (1, 2, 4) about 10×

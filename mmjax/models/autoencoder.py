@@ -19,7 +19,7 @@ Param tree (level i = resolution H/2^i; the decoder's up_i works at the same res
     quant_conv, quantizer/embedding [K, D] (VQ only), post_quant_conv
     decoder/{conv_in, mid/..., up_{i}/{block_{j}, attn_{j}, upsample}, norm_out, conv_out}
 
-Conv kernels are HWIO [kh, kw, in, out]; attention projections [C, C]; norms "scale"/"bias".
+Conv weights ("kernel") are HWIO [kh, kw, in, out]; attention projections [C, C]; norms "scale"/"bias".
 """
 
 from __future__ import annotations

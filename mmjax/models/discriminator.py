@@ -12,7 +12,7 @@ h = H/2ᴸ − 2 (32 px, L = 3 → 2×2 patches; 256 px → 30×30). Each logit 
 field (70×70 px for L = 3) as real (> 0) or fake. The convs that feed a norm have no bias (the
 norm's own bias replaces it); with norm="none" every conv has one.
 
-Init as taming's `weights_init`: conv kernels N(0, 0.02), norm scales N(1, 0.02), biases 0.
+Init as taming's `weights_init`: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0.
 Param names: conv_0 (the first conv), conv_n / norm_n for n = 1..L, conv_out.
 """
 
