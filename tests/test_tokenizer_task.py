@@ -1,6 +1,6 @@
 """The tokenizer task on the one training loop: the VQ-GAN step's adaptive weight and gradients
 against hand-built references, the EMA codebook and restarts inside the step, a sharded tokenizer +
-discriminator step equal to one device, and the codebook-collapse comparison."""
+discriminator step equal to one device, and the masked eval sums."""
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +167,18 @@ def test_ema_codebook_is_written_by_the_step_not_the_optimizer():
     np.testing.assert_allclose(np.asarray(new.extra["ema"]["cluster_size"]), np.asarray(want_state["cluster_size"]),
                                rtol=1e-5)
     assert "discriminator" not in new.params
+
+    # The eval sums over the real rows only: PSNR (dB, range [-1, 1]) and L1 against numpy, and the
+    # code histogram counts h·w codes per real image.
+    params = jax.device_get(new.params)
+    mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.int32)
+    out, recon = jax.jit(task.eval_fn)(params, {}, {"image": jnp.asarray(x), "mask": jnp.asarray(mask)})
+    r = np.clip(np.asarray(task.model.apply({"params": params["generator"]}, jnp.asarray(x))[0]), -1, 1)
+    np.testing.assert_allclose(np.asarray(recon), r, atol=1e-5)
+    mse = np.mean((r - x) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(float(out["psnr"]), np.sum(10 * np.log10(4.0 / mse[:5])), rtol=1e-4)
+    l1 = np.mean(np.abs(np.asarray(task.model.apply({"params": params["generator"]}, jnp.asarray(x))[0]) - x),
+                 axis=(1, 2, 3))
+    np.testing.assert_allclose(float(out["rec_loss"]), np.sum(l1[:5]), rtol=1e-4)
+    assert float(out["count"]) == 5
+    assert float(np.sum(out["code_histogram"])) == 5 * (SIZE // 2) ** 2

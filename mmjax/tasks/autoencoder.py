@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from mmjax.config import ConfigError, config
+from mmjax.evals import images as image_metrics
 from mmjax.models import quantizer as vq
 from mmjax.models.autoencoder import Autoencoder, AutoencoderConfig, forward_flops
 from mmjax.models.discriminator import DiscriminatorConfig, PatchDiscriminator
@@ -259,9 +260,8 @@ class AutoencoderTask(Task):
         recon, aux = self.model.apply({"params": params["generator"]}, x)
         per_pixel = jnp.abs(recon - x) if self.cfg.loss.reconstruction == "l1" else jnp.square(recon - x)
         rec = jnp.mean(per_pixel, axis=(1, 2, 3))
-        mse = jnp.mean(jnp.square(jnp.clip(recon, -1, 1) - x), axis=(1, 2, 3))
-        psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # data range 2 ([-1, 1])
-        out = {"rec_loss": jnp.sum(rec * mask), "psnr": jnp.sum(psnr * mask), "count": jnp.sum(mask)}
+        psnr = image_metrics.psnr(jnp.clip(recon, -1.0, 1.0), x, data_range=2.0)  # [-1, 1]
+        out = {"rec_loss": jnp.sum(rec * mask), "psnr": jnp.sum(jnp.where(mask > 0, psnr, 0.0)), "count": jnp.sum(mask)}
         if self.cfg.model.kind == "kl":
             out["kl"] = jnp.sum(aux["kl"] * mask)
         else:
