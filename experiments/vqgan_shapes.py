@@ -13,7 +13,8 @@ beside reconstructions go to <workdir>/images/.
 GroupNorm with one group: these scenes are flat colours on a flat background, and a group of a few
 channels normalised over a uniform region keeps little more than the sign pattern inside the group,
 so the background's intensity has to be re-learned from it (300-step VQ/KL comparisons on the
-EPYC machine: taming's 4-8 channels per group stalled at L1 ≈ 0.3, one group reached 0.08-0.12).
+EPYC machine, docs/tokenizers.md: 4 channels per group stayed near L1 0.3 for 250 steps, one group
+reached 0.07-0.08 by step 150).
 
 Status: being tuned (issue 23); no figures yet.
 """
