@@ -42,7 +42,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
     """An exclusive advisory lock (flock) held for the body: serialises builds on one machine."""
     with open(path, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -95,7 +95,7 @@ def ensure_prepared(name: str, data_dir: str | os.PathLike | None = None) -> str
     if name not in BUILTIN:
         raise _not_found(name, data_dir)
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f".{name}.lock")):
+    with file_lock(os.path.join(data_dir, f".{name}.lock")):
         builder = get_builder(name, data_dir)  # Re-read: another process may have finished.
         if not builder.is_prepared():
             try:
@@ -159,7 +159,7 @@ def resolve_tokenizer(spec: str, data_dir: str | os.PathLike | None = None,
     if os.path.isfile(os.path.join(out, "tokenizer.json")):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with _file_lock(out + ".lock"):
+    with file_lock(out + ".lock"):
         if not os.path.isfile(os.path.join(out, "tokenizer.json")):
             from mmjax.data.tokenizers import train_bpe
             source = open_split(name, "train", data_dir)

@@ -40,9 +40,7 @@ metadata, so every later evaluation loads the same probe.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -372,17 +370,6 @@ def probe_path(cfg: ProbeConfig, data_cfg: DataConfig) -> str:
     return os.path.join(directory, f"shapes-{resolution}-v{S.ShapesBuilder.VERSION}-{digest}.safetensors")
 
 
-@contextlib.contextmanager
-def _exclusive(path: str):
-    """An advisory file lock (flock) for the body: one process trains, the others wait and load."""
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _save(path: str, params, cfg: ProbeConfig, resolution: int, info: dict) -> None:
     from safetensors.numpy import save_file
 
@@ -422,7 +409,7 @@ def load_or_train_probe(data: DataConfig | int = 32, data_dir: str | None = None
     if os.path.exists(path):
         return _load(path, config)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _exclusive(os.path.join(os.path.dirname(path), ".train.lock")):
+    with registry.file_lock(os.path.join(os.path.dirname(path), ".train.lock")):
         if not os.path.exists(path):  # another process may have finished it meanwhile
             if log:
                 log(f"probe: training the shapes probe into {path}")
