@@ -2,6 +2,9 @@
 against hand-built references, the EMA codebook and restarts inside the step, a sharded tokenizer +
 discriminator step equal to one device, and the masked eval sums."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +26,12 @@ SIZE = 16
 
 
 def _cfg(mesh_shape=(1, 1, 1), *, gan_weight=0.5, adaptive=True, kind="vq", ema=0.0, restart=0.0,
-         l2=True, code_dim=4, codebook=16, perceptual=0.0, start=0, optimizer="sgd"):
+         l2=True, code_dim=4, codebook=16, perceptual=0.0, start=0, optimizer="sgd", usage_decay=0.99):
     model = AutoencoderConfig(kind=kind, channels=8, channel_mults=(1, 2), blocks_per_level=1, norm_groups=4,
                               latent_channels=4,
                               quantizer=QuantizerConfig(codebook_size=codebook, code_dim=code_dim, l2_normalize=l2,
-                                                        ema_decay=ema, dead_code_threshold=restart))
+                                                        ema_decay=ema, dead_code_threshold=restart,
+                                                        usage_decay=usage_decay))
     loss = AutoencoderLossConfig(gan_weight=gan_weight, adaptive_weight=adaptive, gan_start_step=start,
                                  perceptual_weight=perceptual, probe=False, eval_lpips=False,
                                  discriminator=DiscriminatorConfig(channels=8, num_layers=2, norm="group",
@@ -182,3 +186,36 @@ def test_ema_codebook_is_written_by_the_step_not_the_optimizer():
     np.testing.assert_allclose(float(out["rec_loss"]), np.sum(l1[:5]), rtol=1e-4)
     assert float(out["count"]) == 5
     assert float(np.sum(out["code_histogram"])) == 5 * (SIZE // 2) ** 2
+
+
+def _scenes(n, seed):
+    """`shapes` scenes rendered at SIZE px straight from the generator, in [−1, 1]."""
+    from mmjax.data import shapes as S
+    rng = np.random.default_rng(seed)
+    scenes = [S.sample_scene(rng) for _ in range(n)]
+    return np.stack([S.render_scene(s.objects, s.background, SIZE) for s in scenes]).astype(np.float32) / 127.5 - 1
+
+
+def test_codebook_collapse_l2_low_dim_with_restart_versus_plain_high_dim():
+    """512 codes, 150 Adam steps on `shapes` scenes; usage = distinct codes over 512 held-out scenes
+    (32,768 tokens). l2-normalised 4-dim codes with dead-code restart keep the whole codebook; plain
+    64-dim codes (taming's ±1/K init, no restart) collapse onto a few percent of it. Measured on the
+    EPYC machine at commit time: 100% (perplexity ~210) against 5.5% (perplexity ~11)."""
+    from mmjax.models.autoencoder import tokenize
+    held_out = jnp.asarray(_scenes(512, 10_000))
+    usage, train_perplexity = {}, {}
+    for name, kw in {"l2": dict(l2=True, code_dim=4, restart=0.1, usage_decay=0.9),
+                     "plain": dict(l2=False, code_dim=64)}.items():
+        cfg = _cfg(gan_weight=0.0, optimizer="adamw", codebook=512, **kw)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, peak_lr=1e-3))
+        task, mesh, state, step = _state_and_step(cfg, jax.devices()[:1])
+        with jax.set_mesh(mesh), shd.logical_rules(cfg.mesh.rules):
+            for i in range(150):
+                state, metrics = step(state, shd.make_global_batch({"image": _scenes(8, i)}, mesh))
+            ids = np.asarray(jax.jit(functools.partial(tokenize, task.model))(state.params["generator"], held_out))
+        usage[name] = len(np.unique(ids)) / 512
+        train_perplexity[name] = float(metrics["perplexity"])
+    print(f"codebook usage: l2 dim-4 + restart {usage['l2']:.0%} (perplexity {train_perplexity['l2']:.1f}), "
+          f"plain dim-64 {usage['plain']:.0%} (perplexity {train_perplexity['plain']:.1f})")
+    assert usage["l2"] >= 0.9, usage
+    assert usage["plain"] <= 0.2, usage
