@@ -67,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -462,6 +463,151 @@ def questions_for(scene: Scene, rng: np.random.Generator, *, max_questions: int 
             if pool and len(chosen) < max_questions:
                 chosen.append(pool.pop(0))
     return chosen
+
+
+# --- reading text back: the grammar inverted ----------------------------------------------------
+# Used to score generated captions and to group VQA questions; nothing here is part of generation.
+
+
+class CaptionParseError(ValueError):
+    """A caption that the grammar of `caption_scene` cannot produce (the message says where)."""
+
+
+_COLOR_RE = "|".join(COLORS)
+_SHAPE_RE = "|".join(SHAPES)
+# A noun phrase of `_noun_phrase`: "a small red circle" or "a small circle in red".
+_NOUN_PHRASE = re.compile(rf"\ba (small|large) (?:({_COLOR_RE}) ({_SHAPE_RE})|({_SHAPE_RE}) in ({_COLOR_RE}))\b")
+_ABSOLUTE_PHRASES = {phrase: p for p in range(9) for phrase in position_phrases(p)}
+_RELATION_OF_WORDS = {words: name for name, options in _RELATION_WORDS.items() for words in options}
+_RELATIVE_PHRASE = re.compile(
+    "(" + "|".join(sorted(map(re.escape, _RELATION_OF_WORDS), key=len, reverse=True)) + ")"
+    + rf" (it|the (?:({_COLOR_RE}) )?({_SHAPE_RE}))")
+_COUNT_PREFIX = re.compile(r"(?:there (?:is|are) )?(one|two|three) (?:object|shape)s?: ")
+_CLAUSE_JOINERS = re.compile(r", | and |\. |; ")  # no clause contains one (see caption_scene)
+
+
+def _parse_location(loc: str, mentioned: list[ShapeObject]) -> int:
+    """The cell a clause's location names: an absolute phrase, or a relative one resolved against
+    the objects mentioned before it ("it" = the last one; "the [color] shape" = the one such)."""
+    if loc in _ABSOLUTE_PHRASES:
+        return _ABSOLUTE_PHRASES[loc]
+    m = _RELATIVE_PHRASE.fullmatch(loc)
+    if m is None:
+        raise CaptionParseError(f"{loc!r} is neither an absolute nor a relative location")
+    words, ref, ref_color, ref_shape = m.groups()
+    if ref == "it":
+        if not mentioned:
+            raise CaptionParseError(f"{loc!r}: 'it' before any object was mentioned")
+        anchor = mentioned[-1]
+    else:
+        shape = SHAPES.index(ref_shape)
+        color = None if ref_color is None else COLORS.index(ref_color)
+        found = [o for o in mentioned if o.shape == shape and color in (None, o.color)]
+        if len(found) != 1:
+            raise CaptionParseError(f"{loc!r}: {len(found)} earlier objects fit {ref!r}, need exactly one")
+        anchor = found[0]
+    dr, dc = _RELATION_STEPS[_RELATION_OF_WORDS[words]]
+    row, col = divmod(anchor.position, 3)
+    if not (0 <= row + dr < 3 and 0 <= col + dc < 3):
+        raise CaptionParseError(f"{loc!r}: no cell {_RELATION_OF_WORDS[words]} {POSITIONS[anchor.position]}")
+    return 3 * (row + dr) + col + dc
+
+
+def _parse_clause(clause: str, mentioned: list[ShapeObject]) -> ShapeObject:
+    """One clause of `_CLAUSES` ("{np} {loc}", "{loc} there is {np}", "{np} is {loc}",
+    "there is {np} {loc}", "{loc} is {np}") → its object."""
+    matches = list(_NOUN_PHRASE.finditer(clause))
+    if len(matches) != 1:
+        raise CaptionParseError(f"clause {clause!r} has {len(matches)} noun phrases ('a <size> <color> <shape>'), "
+                                "need exactly one")
+    m = matches[0]
+    size, color_a, shape_a, shape_b, color_b = m.groups()
+    before, after = clause[:m.start()], clause[m.end():]
+    if before in ("", "there is ") and after.startswith(" "):
+        loc = after[1:]
+        if before == "" and loc.startswith("is "):
+            loc = loc[3:]
+    elif after == "" and before.endswith(" there is "):
+        loc = before[: -len(" there is ")]
+    elif after == "" and before.endswith(" is "):
+        loc = before[: -len(" is ")]
+    else:
+        raise CaptionParseError(f"clause {clause!r} fits none of the clause templates")
+    position = _parse_location(loc, mentioned)
+    return ShapeObject(shape=SHAPES.index(shape_a or shape_b), color=COLORS.index(color_a or color_b),
+                       size=SIZES.index(size), position=position)
+
+
+def parse_caption(caption: str, *, strict: bool = True) -> tuple[ShapeObject, ...]:
+    """The objects a caption states, in reading order of their cells: the inverse of `caption_scene`.
+
+    caption = [count prefix ": "] clause (joiner clause)*, joiners ", " / " and " / ". " / "; ";
+    each clause is one object's noun phrase and location (see `_parse_clause`). Relative
+    locations resolve against the objects mentioned before, like the generator names them.
+
+    strict=True: anything the grammar cannot produce raises `CaptionParseError` (an unknown
+    clause, an unresolvable reference, two objects in one cell, more than MAX_OBJECTS objects, a
+    stated count that differs from the clauses, or a reference "the circle" that is not unique in
+    the scene). strict=False (scoring a model's captions): clauses that do not parse are skipped
+    and a later object in an already taken cell is dropped, so a partly wrong caption still yields
+    the objects it states clearly.
+    """
+    text = caption.strip()
+    stated = None
+    if m := _COUNT_PREFIX.match(text):
+        stated = NUMBER_WORDS.index(m[1])
+        text = text[m.end():]
+    objects: list[ShapeObject] = []
+    for clause in _CLAUSE_JOINERS.split(text):
+        try:
+            obj = _parse_clause(clause, objects)
+            if any(o.position == obj.position for o in objects):
+                raise CaptionParseError(f"clause {clause!r} puts a second object at the {POSITIONS[obj.position]}")
+        except CaptionParseError:
+            if strict:
+                raise
+            continue
+        objects.append(obj)
+    if strict:
+        if not 1 <= len(objects) <= MAX_OBJECTS:
+            raise CaptionParseError(f"{len(objects)} objects, a scene has 1..{MAX_OBJECTS}: {caption!r}")
+        if stated is not None and stated != len(objects):
+            raise CaptionParseError(f"the caption says {NUMBER_WORDS[stated]} objects but states {len(objects)}: "
+                                    f"{caption!r}")
+        for m in _RELATIVE_PHRASE.finditer(text):  # "the circle" names the only circle of the scene
+            if m[2] != "it":
+                shape, color = SHAPES.index(m[4]), None if m[3] is None else COLORS.index(m[3])
+                if sum(o.shape == shape and color in (None, o.color) for o in objects) != 1:
+                    raise CaptionParseError(f"{m[2]!r} is not unique in the scene: {caption!r}")
+    return tuple(sorted(objects, key=lambda o: o.position))
+
+
+# Kinds of `questions_for`, in its order. A question's kind is read back from its text.
+QUESTION_KINDS = ("count", "count_shape", "count_color", "shape_at", "color_at", "size_at", "color_of",
+                  "size_of", "neighbour", "exists")
+_QUESTION_CELL = "|".join(re.escape(position_phrases(p)[0]) for p in range(9))
+_QUESTION_FORMS = (
+    ("count", re.compile(r"how many objects are there\?")),
+    ("count_shape", re.compile(rf"how many (?:{'|'.join(SHAPE_PLURALS)}) are there\?")),
+    ("count_color", re.compile(rf"how many (?:{_COLOR_RE}) objects are there\?")),
+    ("shape_at", re.compile(rf"what shape is (?:{_QUESTION_CELL})\?")),
+    ("color_at", re.compile(rf"what color is the shape (?:{_QUESTION_CELL})\?")),
+    ("size_at", re.compile(rf"what size is the shape (?:{_QUESTION_CELL})\?")),
+    ("color_of", re.compile(rf"what color is the (?:{_SHAPE_RE})\?")),
+    ("size_of", re.compile(rf"what size is the (?:{_COLOR_RE}) (?:{_SHAPE_RE})\?")),
+    ("neighbour", re.compile(rf"what shape is (?:{'|'.join(w[1] for w in _RELATION_WORDS.values())}) "
+                             rf"the (?:{_COLOR_RE}) (?:{_SHAPE_RE})\?")),
+    ("exists", re.compile(rf"is there an? (?:{_COLOR_RE}) (?:{_SHAPE_RE})\?")),
+)
+
+
+def question_kind(question: str) -> str:
+    """Which of QUESTION_KINDS `questions_for` made `question` from (read from its template);
+    a ValueError for any other text."""
+    for kind, form in _QUESTION_FORMS:
+        if form.fullmatch(question):
+            return kind
+    raise ValueError(f"{question!r} is not a question of any template of questions_for ({', '.join(QUESTION_KINDS)})")
 
 
 # --- examples and the TFDS builder --------------------------------------------------------------
