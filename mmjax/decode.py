@@ -290,12 +290,14 @@ def _weight_major_interceptor(model: nn.Module, params):
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new: int, cache_len: int,
                        embeds: bool, greedy_: bool, top_k: int | None, use_top_p: bool, guided: bool,
-                       cache_dtype: str, weight_major: bool, mesh: Mesh | None, rules):
+                       cache_dtype: str, weight_major: bool, mesh: Mesh | None, rules, prefix_lm: bool = False):
     """The jitted generation loop for one set of static shapes and sampler structure.
 
     f(params, inputs [R, T0] ids or [R, T0, D] embeddings (right-padded), lengths [R], key,
-      temperature, top_p, cfg_scale, allowed [V] bool, eos_id (−1: none), pad_id)
-      → (tokens [B, N], n_generated [B]); R = 2B when guided.
+      temperature, top_p, cfg_scale, allowed [V] bool, eos_id (−1: none), pad_id, prefix [R] int32)
+      → (tokens [B, N], n_generated [B]); R = 2B when guided. With prefix_lm, the prefill lets every
+      prompt token see the first prefix[r] prompt tokens of its row (a prefix-LM mask); the steps
+      after it are causal anyway (their queries come after the prefix).
     Values that only change numbers (not shapes or the sampler's structure) are runtime inputs, so
     changing them does not recompile.
     """
@@ -328,7 +330,7 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         with nn.intercept_methods(_weight_major_interceptor(model, params)):
             return loop(params, *args)
 
-    def loop(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id):
+    def loop(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id, prefix):
         # Left-align every row: slot j of row r holds prompt token j − pad_r (pads first).
         pad = t0 - lengths                                                    # [R]
         src = jnp.arange(t0)[None, :] - pad[:, None]                          # [R, T0]
@@ -347,7 +349,10 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         cache = init_cache(cfg, rows, s, cache_dtype)
         if mesh is not None:
             cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cfg, mesh, rows, s, rules))
-        logits, cache = last_logits(variables, x, positions=positions, kv_valid=kv_valid, cache=cache, cache_index=0)
+        # The prefix in slot space: after the row's left pads (which kv_valid hides anyway).
+        extra = {"prefix_len": (pad + prefix).astype(jnp.int32)} if prefix_lm else {}
+        logits, cache = last_logits(variables, x, positions=positions, kv_valid=kv_valid, cache=cache, cache_index=0,
+                                    **extra)
         tok = pick(jax.random.fold_in(key, 0), logits, temperature, top_p, cfg_scale, allowed)  # [B]
         done = tok == eos_id                                                  # eos_id −1 never matches
         out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -452,7 +457,8 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
              eos_id: int | None = None, pad_id: int = 0, token_range: tuple[int, int] | None = None,
              disallowed_ids: Sequence[int] | None = None, cfg_scale: float | None = None, null_prompts=None,
              lengths=None, null_lengths=None, cache_len: int | None = None, cache_dtype: str | None = None,
-             tokenizer: Tokenizer | None = None, mesh: Mesh | None = None, rules=None) -> Generation:
+             tokenizer: Tokenizer | None = None, mesh: Mesh | None = None, rules=None,
+             prefix_len=None) -> Generation:
     """Generates up to `max_new_tokens` per prompt with a KV cache, the whole loop on device.
 
     Args:
@@ -476,6 +482,9 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
       tokenizer: checked against the model's vocabulary (`check_vocab`) and used for text prompts.
       mesh, rules: run on a (data, fsdp, tensor) mesh: params are placed with their logical shardings
         (`mmjax.sharding.tree_shardings`), the cache shards like the activations.
+      prefix_len: prefix-LM prompts (PaliGemma): an int or ints [B], 1 ≤ prefix_len ≤ the row's prompt
+        length; during the prefill every prompt token attends to the row's first prefix_len prompt
+        tokens (bidirectional prefix, causal after it). None: causal. Not with cfg_scale.
 
     Returns:
       `Generation(sequences, tokens [B, N], lengths [B])`, numpy; see its docstring.
@@ -488,7 +497,7 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
                             top_k=top_k, top_p=top_p, rng=rng, eos_id=eos_id, pad_id=pad_id, token_range=token_range,
                             disallowed_ids=disallowed_ids, cfg_scale=cfg_scale, null_prompts=null_prompts,
                             lengths=lengths, null_lengths=null_lengths, cache_len=cache_len, cache_dtype=cache_dtype,
-                            tokenizer=tokenizer, mesh=mesh, rules=rules)()
+                            tokenizer=tokenizer, mesh=mesh, rules=rules, prefix_len=prefix_len)()
 
 
 def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -497,7 +506,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
                      disallowed_ids: Sequence[int] | None = None, cfg_scale: float | None = None,
                      null_prompts=None, lengths=None, null_lengths=None, cache_len: int | None = None,
                      cache_dtype: str | None = None, tokenizer: Tokenizer | None = None, mesh: Mesh | None = None,
-                     rules=None) -> GenerationPlan:
+                     rules=None, prefix_len=None) -> GenerationPlan:
     """`generate`'s checks and set-up without running: returns a `GenerationPlan` (same arguments)."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not all(hasattr(cfg, a) for a in ("vocab_size", "max_len", "encoder")):
@@ -539,6 +548,20 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
     elif null_prompts is not None:
         raise ValueError("null_prompts is only used with cfg_scale (classifier-free guidance)")
 
+    prefix = np.zeros((arr.shape[0],), np.int32)
+    if prefix_len is not None:
+        if guided:
+            raise ValueError("prefix_len (prefix-LM prompts) is not supported with cfg_scale")
+        p = np.broadcast_to(np.asarray(prefix_len), (b,))
+        if not np.issubdtype(p.dtype, np.integer):
+            raise TypeError(f"prefix_len must be an int or ints [B={b}], got {np.asarray(prefix_len).dtype}")
+        bad = (p < 1) | (p > lens)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise ValueError(f"prefix_len must lie in [1, the prompt's length]: row {r} has prefix_len {int(p[r])} "
+                             f"and a prompt of {int(lens[r])} tokens")
+        prefix = p.astype(np.int32)
+
     t0 = int(lens.max())
     arr = arr[:, :t0]
     if embeds:
@@ -569,7 +592,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
         embeds=bool(embeds), greedy_=temperature == 0, top_k=None if top_k is None else int(top_k),
         use_top_p=top_p is not None and top_p < 1.0, guided=guided, cache_dtype=cache_dtype,
         weight_major=_weight_major(model, int(arr.shape[0]), int(max_new_tokens), mesh), mesh=mesh,
-        rules=None if rules is None else tuple(rules))
+        rules=None if rules is None else tuple(rules), prefix_lm=prefix_len is not None)
     key = jax.random.key(0) if rng is None else rng
     allowed = np.ones((vocab,), bool)
     if token_range is not None:
@@ -578,7 +601,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
         allowed[np.asarray(disallowed_ids, np.int64)] = False
     runtime = (jnp.float32(temperature or 1.0), jnp.float32(1.0 if top_p is None else top_p),
                jnp.float32(0.0 if cfg_scale is None else cfg_scale), allowed,
-               jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
+               jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), prefix)
     return GenerationPlan(fn, (params, arr, lens, key, *runtime), b, embeds, mesh, rules)
 
 

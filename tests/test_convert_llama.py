@@ -8,6 +8,7 @@ which would hide a mis-mapped norm).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -175,3 +176,7 @@ def test_export_refuses_what_llama_cannot_hold(tmp_path):
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     with pytest.raises(ConversionError, match="qk_norm"):
         save_pretrained(model, params, tmp_path / "x")
+    gemma_scaled = LM(LMConfig(vocab_size=20, max_len=16, encoder=dataclasses.replace(enc, qk_norm=None),
+                               embed_scale=32 ** 0.5))
+    with pytest.raises(ConversionError, match="embed_scale=5.65.*does not scale its embeddings"):
+        save_pretrained(gemma_scaled, params, tmp_path / "y")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mmjax.layers import AttentionPool2x2, MultiCropLayout, multicrop_layout
-from mmjax.layers.multicrop import arrange_multicrop_features, scatter_image_features
+from mmjax.layers.multicrop import arrange_multicrop_features
+from mmjax.models.vlm import splice_image_features
 
 
 def _softmax(x):
@@ -110,8 +111,8 @@ def test_features_go_to_their_slots():
     ordered = arrange_multicrop_features(pooled, layout)
     ids = jnp.asarray(np.concatenate([[1], layout.ids, [30, 31]])[None])  # bos, image block, text
     embeds = jnp.full(ids.shape + (2,), -1.0)
-    out = np.asarray(scatter_image_features(embeds, ids, ordered, P))[0, :, 0]
+    out = np.asarray(splice_image_features(embeds, ids, ordered, P))[0, :, 0]
     # ids:  1  S  P  C  E  S  P  P  C  P  P  C  E  30 31
     np.testing.assert_array_equal(out, [-1, -1, 0, -1, -1, -1, 1, 2, -1, 3, 4, -1, -1, -1, -1])
-    with pytest.raises(ValueError, match="row 0 of ids holds 5 image placeholders .* but there are 4"):
-        scatter_image_features(embeds, ids, ordered[:, :4], P)
+    with pytest.raises(ValueError, match=r"5 <image> tokens \(id 9\) in row 0 but the vision tower gives 4 features"):
+        splice_image_features(embeds, ids, ordered[:, :4], P)

@@ -5,7 +5,8 @@
 
 Modules: `core` (front door, family registry), `rules` (the rule engine and its errors),
 `family` (what a family provides; LoadOptions), `tree` (flat paths, scanned layout), `hf_io`
-(HF directories, safetensors only), `hf_vit` (HF ViT ↔ our ViT).
+(HF directories, safetensors only), `hf_vit` (HF ViT ↔ our ViT), `hf_clip`, `hf_llama`, `hf_llava`
+(HF LLaVA ↔ our VLM, and the pieces HF VLMs share), `hf_paligemma`, `diffusers_ae`.
 """
 
 from mmjax.convert.core import (

@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import ConfigError, from_dict
-from mmjax.convert import diffusers_ae, hf_clip, hf_io, hf_llama, hf_vit
+from mmjax.convert import diffusers_ae, hf_clip, hf_io, hf_llama, hf_llava, hf_paligemma, hf_vit
 from mmjax.convert.family import Family, LoadOptions
 from mmjax.convert.rules import ConversionError, KeyDiffError, export_tensors, fmt_shape, import_tensors
 from mmjax.convert.tree import flatten, is_scanned, plain_params, scan_tree, unflatten, unscan_tree
 
-# Every family, explicitly (no string-based imports). Later: LLaVA.
+# Every family, explicitly (no string-based imports). LLaVA before PaliGemma: both export our VLM, and
+# LLaVA's export hands a linear-projector VLM to PaliGemma's.
 FAMILIES: tuple[Family, ...] = (hf_vit.FAMILY, hf_clip.CLIP_FAMILY, hf_clip.SIGLIP_FAMILY, hf_llama.FAMILY,
-                                diffusers_ae.VQ_FAMILY, diffusers_ae.KL_FAMILY)
+                                hf_llava.FAMILY, hf_paligemma.FAMILY, diffusers_ae.VQ_FAMILY, diffusers_ae.KL_FAMILY)
 
 
 def supported() -> str:

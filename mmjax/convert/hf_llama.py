@@ -157,6 +157,7 @@ class HFLlama(Family):
             (e.qk_norm is not None, f"qk_norm={e.qk_norm!r}"),
             (not e.final_norm, "final_norm=False"),
             (c.rope_2d, "rope_2d=True (HF Llama has 1D RoPE)"),
+            (c.embed_scale != 1.0, f"embed_scale={c.embed_scale} (Llama does not scale its embeddings)"),
             (e.head_dim is None and e.width % e.num_heads != 0, "width not divisible by num_heads"),
         ) if bad]
         if problems:

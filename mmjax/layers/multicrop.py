@@ -140,25 +140,4 @@ def arrange_multicrop_features(pooled: jax.Array, layout: MultiCropLayout) -> ja
     return pooled.reshape(b, c * h * w, d)[:, layout.feature_index]
 
 
-def scatter_image_features(embeds: jax.Array, ids: jax.Array, features: jax.Array, image_id: int) -> jax.Array:
-    """Puts features [B, N, D] into embeds [B, T, D] at the placeholder positions of ids [B, T]:
-    the k-th placeholder of row b gets features[b, k]; every other position keeps its embedding.
-
-    slot_t = (Σ_{s<=t} [ids_s = P]) − 1, out_t = features[slot_t] if ids_t = P else embeds_t.
-    With concrete ids each row must hold exactly N placeholders (checked; a traced ids cannot be).
-    """
-    is_image = ids == image_id
-    n = features.shape[1]
-    if not isinstance(ids, jax.core.Tracer):
-        counts = np.asarray(is_image).sum(axis=1)
-        if (counts != n).any():
-            row = int(np.flatnonzero(counts != n)[0])
-            raise ValueError(f"row {row} of ids holds {int(counts[row])} image placeholders (id {image_id}) "
-                             f"but there are {n} image features per row")
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, n - 1)
-    gathered = jnp.take_along_axis(features, slot[..., None], axis=1)
-    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
-
-
-__all__ = ["AttentionPool2x2", "MultiCropLayout", "arrange_multicrop_features", "multicrop_layout",
-           "scatter_image_features"]
+__all__ = ["AttentionPool2x2", "MultiCropLayout", "arrange_multicrop_features", "multicrop_layout"]

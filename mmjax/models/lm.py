@@ -1,7 +1,7 @@
 """Decoder-only language model (Llama-style), with an explicit KV cache for generation.
 
-    ids [B, T] → embed [B, T, D] (or precomputed embeddings [B, T, D], e.g. image features spliced
-      among text tokens by a VLM) → causal pre-norm Transformer (RMSNorm, SwiGLU, RoPE, GQA)
+    ids [B, T] → embed [B, T, D] (× embed_scale: Gemma's √D) (or precomputed embeddings [B, T, D], e.g.
+      image features spliced among text tokens by a VLM) → causal pre-norm Transformer (RMSNorm, SwiGLU, RoPE, GQA)
       → final norm = aux["hidden"] [B, T, D] → head (or embeddingᵀ when tied) → logits [B, T, V]
 
 API (stable; mmjax/decode.py and the LM task build on it):
@@ -84,6 +84,8 @@ class LMConfig:
       every head's channels is rotated by the row and the second half by the column
       (`mmjax.layers.attention.apply_rope_2d`); a [B, T] position p is used as (p, p). Needs
       encoder.rope_base and a head dim divisible by 4.
+    embed_scale: token embeddings are multiplied by it in `embed` (Gemma: √D, rounded to the compute
+      dtype as HF does); float embeddings passed as inputs are used as given. 1.0: no scaling.
     """
 
     vocab_size: int = 256
@@ -93,6 +95,7 @@ class LMConfig:
         norm_eps=1e-6, use_bias=False, rope_base=10_000.0)
     tie_embeddings: bool = False
     rope_2d: bool = False
+    embed_scale: float = 1.0
 
 
 def init_cache(cfg: LMConfig, batch_size: int, max_len: int | None = None, dtype="float32") -> dict:
@@ -138,9 +141,12 @@ class LM(nn.Module):
                                      param_dtype=pdt, kernel_init=nn.initializers.normal(0.02), ops=e.ops)
 
     def embed(self, ids: jax.Array) -> jax.Array:
-        """Token ids [B, T] → embeddings [B, T, D] (compute dtype)."""
+        """Token ids [B, T] → embeddings [B, T, D] (compute dtype), × cfg.embed_scale when it is not 1."""
         check_token_ids(ids, self.cfg.vocab_size, self.cfg.max_len)
-        x = jnp.take(self.token_embedding, ids, axis=0).astype(to_dtype(self.cfg.encoder.dtype))
+        dt = to_dtype(self.cfg.encoder.dtype)
+        x = jnp.take(self.token_embedding, ids, axis=0).astype(dt)
+        if self.cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(self.cfg.embed_scale, dt)
         return constrain(x, ("act_batch", "act_len", "act_embed"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,307 @@
+"""A LLaVA-style vision-language model: a vision tower, a projector and a decoder LM (Liu et al. 2023;
+PaliGemma, Beyer et al. 2024, is the same shape with one linear projector and a prefix-LM mask).
+
+    images [B, K, H, W, C] ─ ViT ─→ features of layer ℓ [B·K, N(+1), Dv]   (ℓ: vision_feature_layers)
+        ─ drop CLS ("default") ─→ [B·K, N, Dv] ─ projector ─→ image features [B, K·N, D]
+    ids [B, T] ─ LM.embed ─→ text embeddings [B, T, D]
+    splice:  x[b, t] = image_features[b, j]   where ids[b, t] = image_token_id and t is row b's j-th such
+             position (image k fills placeholders k·N … k·N + N − 1), else the text embedding
+    x ─ LM (causal, or prefix-LM: keys < prefix_len[b] visible to every query) ─→ logits [B, T, V]
+
+    projector  "mlp":    linear_2(act(linear_1(f)))      (LLaVA: Linear → GELU → Linear, with bias)
+               "linear": linear(f)                       (PaliGemma: one Linear with bias)
+
+`VLM(cfg)(images, ids, prefix_len=..., ...)` returns `(logits, aux)`; aux holds "image_features"
+[B, K·N, D] (projected), "vision_features" [B, K·N, Dv·L] (selected layer(s), before the projector),
+"image_mask" [B, T] (True at placeholders), and the LM's aux ("hidden", "cache", "blocks").
+The model masks nothing in the loss: image (and prompt) positions leave it through the loss weights
+the data pipeline builds (weight 0 where the target is a placeholder or a prompt token).
+
+Vision features (HF indexing of `hidden_states`: index 0 is the stack's input, index i ≥ 1 the
+output of block i − 1, so −1 is the last block's output before the final norm):
+  vision_feature_layers = (−2,)   LLaVA: the penultimate block's output, no final norm
+  vision_feature_layers = (a, b)  layers concatenated on channels (Dv·2 into the projector)
+  vision_feature_layers = None    the tower's final-normed output (SigLIP's last_hidden_state: PaliGemma)
+  select strategy "default" drops token 0, which must be a CLS token (ViT pool="cls"): with a tower
+  without CLS (SigLIP) it would drop a real patch, so that combination is refused; "full" keeps all.
+
+Placeholder count: row b must hold exactly K·N image tokens. With concrete ids (an eager call, or
+`check_image_tokens` on host data) a mismatch raises a ValueError naming both numbers; ids traced
+under jit cannot be checked (surplus placeholders would repeat the row's last image feature, missing
+ones would leave features out), so check the data on the host (`check_image_tokens`) before it
+reaches a jitted step; `generate` does.
+
+Params: vision/... (the ViT), projector/{linear_1, linear_2 | linear}/{kernel, bias} (logical axes
+("embed", "mlp") and ("mlp", "embed"), as an MLP's), lm/... (the LM). `generate` decodes with images
+through `mmjax.decode.generate` on the LM, with the spliced prompt embeddings and the KV cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.config import config
+from mmjax.layers import DenseGeneral, TransformerConfig, get_activation
+from mmjax.layers.transformer import to_dtype
+from mmjax.models.lm import LM, LMConfig
+from mmjax.models.vit import ViT, ViTConfig
+from mmjax.sharding import constrain
+
+
+@config
+class VLMConfig:
+    """A vision tower + projector + decoder LM. Defaults: a toy LLaVA (CLIP-style tower, Llama LM).
+
+    vision: the ViT tower (no classification head). CLIP: pool="cls", pre_norm; SigLIP: pool="none".
+    lm: the decoder (mmjax.models.lm.LMConfig); its width D is the projector's output.
+    image_token_id: the placeholder id in `ids`; may be ≥ vocab_size (it is never embedded).
+    vision_feature_layers: HF hidden_states indices, concatenated on channels; None: the final-normed
+      output (module docstring).
+    vision_feature_select_strategy: "default" drops the CLS token (needs pool="cls"); "full" keeps all.
+    projector: "mlp" (LLaVA) or "linear" (PaliGemma); projector_activation / projector_bias as HF's
+      projector_hidden_act / multimodal_projector_bias ("gelu" is the exact erf GELU).
+    attention: "causal" (LLaVA) or "prefix" (PaliGemma: image + prompt bidirectional, answer causal;
+      every call then passes prefix_len).
+    """
+
+    vision: ViTConfig = ViTConfig(
+        image_size=32, patch_size=8, pool="cls", pre_norm=True, patch_bias=False,
+        encoder=TransformerConfig(width=64, depth=2, num_heads=4, mlp_dim=128, activation="quick_gelu",
+                                  norm_eps=1e-5))
+    lm: LMConfig = LMConfig()
+    image_token_id: int = 255
+    vision_feature_layers: tuple[int, ...] | None = (-2,)
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    projector: Literal["mlp", "linear"] = "mlp"
+    projector_activation: str = "gelu"
+    projector_bias: bool = True
+    attention: Literal["causal", "prefix"] = "causal"
+
+
+def check_vlm_config(cfg: VLMConfig) -> None:
+    """ValueErrors for configs that cannot work (called by VLM.setup and by the converters)."""
+    v = cfg.vision
+    if v.num_classes is not None:
+        raise ValueError("the VLM's vision tower must have no classification head (vision.num_classes=None)")
+    if cfg.vision_feature_select_strategy == "default" and v.pool != "cls":
+        raise ValueError(
+            f"vision_feature_select_strategy='default' drops token 0 as the CLS token, but this vision tower "
+            f"(pool={v.pool!r}) has no CLS token: it would drop a real image patch. Use 'full' (SigLIP towers)")
+    if cfg.vision_feature_layers is not None:
+        if not cfg.vision_feature_layers:
+            raise ValueError("vision_feature_layers is empty; give at least one layer, or None for the "
+                             "final-normed output")
+        depth = v.encoder.depth
+        for layer in cfg.vision_feature_layers:
+            if not -(depth + 1) <= layer <= depth:
+                raise ValueError(f"vision_feature_layers entry {layer} is out of range for a {depth}-block tower "
+                                 f"(HF hidden_states indices: -{depth + 1} … {depth})")
+            if layer % (depth + 1) == 0:
+                raise ValueError(f"vision_feature_layers entry {layer} is hidden_states[0], the stack's input "
+                                 "(embeddings), which mmjax's ViT does not expose; use a block output (≥ 1)")
+    if cfg.image_token_id < 0:
+        raise ValueError(f"image_token_id must be ≥ 0, got {cfg.image_token_id}")
+    if cfg.projector not in ("mlp", "linear"):
+        raise ValueError(f"projector must be 'mlp' or 'linear', got {cfg.projector!r}")
+    if cfg.attention not in ("causal", "prefix"):
+        raise ValueError(f"attention must be 'causal' or 'prefix', got {cfg.attention!r}")
+    get_activation(cfg.projector_activation)
+
+
+def image_tokens_per_image(cfg: VLMConfig) -> int:
+    """N: the features (= placeholder tokens) one image gives: (H/P)² patches, + 1 with a CLS kept."""
+    v = cfg.vision
+    n = (v.image_size // v.patch_size) ** 2
+    return n + (1 if v.pool == "cls" and cfg.vision_feature_select_strategy == "full" else 0)
+
+
+def check_image_tokens(ids, image_token_id: int, tokens_per_image: int, images_per_row: int = 1) -> None:
+    """Host-side check on concrete ids [B, T]: every row holds images_per_row · tokens_per_image
+    placeholders; raises a ValueError naming row, count and what the images give."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
+    counts = (ids == image_token_id).sum(axis=1)
+    want = images_per_row * tokens_per_image
+    bad = np.flatnonzero(counts != want)
+    if bad.size:
+        r = int(bad[0])
+        images = (f"its {images_per_row} images give {want} features ({tokens_per_image} per image)"
+                  if images_per_row != 1 else f"the vision tower gives {tokens_per_image} features per image")
+        raise ValueError(f"{int(counts[r])} <image> tokens (id {image_token_id}) in row {r} but {images}; "
+                         f"{bad.size} of {ids.shape[0]} rows disagree. Build each row with exactly "
+                         f"{want} placeholders (a truncated prompt loses some)")
+
+
+def splice_image_features(embeds: jax.Array, ids: jax.Array, features: jax.Array, image_id: int) -> jax.Array:
+    """Puts features [B, N, D] into embeds [B, T, D] at the placeholder positions of ids [B, T]:
+    the k-th placeholder of row b gets features[b, k]; every other position keeps its embedding.
+
+        slot_t = (Σ_{s≤t} [ids_s = P]) − 1,   out_t = features[slot_t] if ids_t = P else embeds_t
+
+    The one splice of every VLM here (single images, K images per row, multi-crop layouts whose
+    features `mmjax.layers.multicrop.arrange_multicrop_features` put in placeholder order). Concrete
+    ids are checked to hold exactly N placeholders per row (`check_image_tokens`); traced ids cannot be.
+    """
+    n = features.shape[1]
+    if not isinstance(ids, jax.core.Tracer):
+        check_image_tokens(ids, image_id, n)
+    is_image = ids == image_id
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, n - 1)
+    gathered = jnp.take_along_axis(features, slot[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def _as_image_batch(images) -> jax.Array:
+    """[B, H, W, C] (one image per row) or [B, K, H, W, C] → [B, K, H, W, C]."""
+    if images.ndim == 4:
+        return images[:, None]
+    if images.ndim != 5:
+        raise ValueError(f"VLM images must be [B, H, W, C] or [B, K, H, W, C] (K images per row), got shape "
+                         f"{images.shape}")
+    return images
+
+
+class Projector(nn.Module):
+    """Vision features [.., Dv·L] → LM embeddings [.., D]: "mlp" linear_2(act(linear_1(f))), or
+    "linear" linear(f) (names as HF's multi_modal_projector, so the converters map them one to one)."""
+
+    cfg: VLMConfig
+
+    @nn.compact
+    def __call__(self, f: jax.Array) -> jax.Array:
+        c, e = self.cfg, self.cfg.lm.encoder
+        dense = lambda axes, name: DenseGeneral(
+            e.width, axes, use_bias=c.projector_bias, dtype=to_dtype(e.dtype), param_dtype=to_dtype(e.param_dtype),
+            ops=e.ops, name=name)
+        if c.projector == "linear":
+            return dense(("embed", "mlp"), "linear")(f)
+        h = get_activation(c.projector_activation)(dense(("embed", "mlp"), "linear_1")(f))
+        h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+        return dense(("mlp", "embed"), "linear_2")(h)
+
+
+class VLM(nn.Module):
+    """Vision tower → projector → spliced into the LM's input embeddings (module docstring)."""
+
+    cfg: VLMConfig
+
+    def setup(self):
+        check_vlm_config(self.cfg)
+        self.vision = ViT(self.cfg.vision)
+        self.projector = Projector(self.cfg)
+        self.lm = LM(self.cfg.lm)
+
+    def encode_images(self, images, *, train: bool = False):
+        """images [B, H, W, C] or [B, K, H, W, C] → (image features [B, K·N, D], selected vision
+        features [B, K·N, Dv·L] before the projector)."""
+        c = self.cfg
+        images = _as_image_batch(images)
+        b, k = images.shape[:2]
+        flat = images.reshape((b * k,) + images.shape[2:])
+        _, vaux = self.vision(flat, train=train, return_blocks=c.vision_feature_layers is not None)
+        if c.vision_feature_layers is None:
+            layers = [vaux["encoded"]]                                  # final-normed, all tokens
+        else:
+            depth = c.vision.encoder.depth
+            layers = [vaux["blocks"][layer % (depth + 1) - 1] for layer in c.vision_feature_layers]
+        if c.vision_feature_select_strategy == "default":
+            layers = [h[:, 1:] for h in layers]                         # drop CLS (checked: pool="cls")
+        f = jnp.concatenate(layers, axis=-1) if len(layers) > 1 else layers[0]   # [B·K, N, Dv·L]
+        n = f.shape[1]
+        f = f.reshape(b, k * n, f.shape[-1])
+        f = constrain(f, ("act_batch", "act_len", None))
+        out = self.projector(f).astype(to_dtype(c.lm.encoder.dtype))
+        return constrain(out, ("act_batch", "act_len", "act_embed")), f
+
+    def embed(self, images, ids, *, train: bool = False):
+        """(images, ids [B, T]) → (spliced input embeddings [B, T, D], aux with "image_features",
+        "vision_features", "image_mask")."""
+        c = self.cfg
+        images = _as_image_batch(images)
+        if ids.ndim != 2 or ids.shape[0] != images.shape[0]:
+            raise ValueError(f"ids must be [B, T] with B = {images.shape[0]} (the images' batch), got {ids.shape}")
+        if not isinstance(ids, jax.core.Tracer):
+            check_image_tokens(ids, c.image_token_id, image_tokens_per_image(c), images.shape[1])
+        is_image = ids == c.image_token_id                                          # [B, T]
+        # Placeholders never reach the embedding table (the id may lie outside the vocabulary).
+        text = self.lm.embed(jnp.where(is_image, 0, ids))                           # [B, T, D]
+        feats, vision_feats = self.encode_images(images, train=train)              # [B, K·N, D]
+        x = splice_image_features(text, ids, feats, c.image_token_id)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        return x, {"image_features": feats, "vision_features": vision_feats, "image_mask": is_image}
+
+    def __call__(self, images, ids, *, prefix_len=None, positions=None, kv_valid=None, cache=None,
+                 cache_index=None, train: bool = False, return_blocks: bool = False):
+        """images [B, H, W, C] or [B, K, H, W, C]; ids int [B, T] with K·N image placeholders per row;
+        prefix_len int or [B] (attention="prefix" only, and then required except in `init`: image +
+        prompt tokens); positions, kv_valid, cache, cache_index as `LM` → (logits [B, T, V], aux)."""
+        c = self.cfg
+        if c.attention == "prefix" and prefix_len is None:
+            if not self.is_initializing():  # init only makes params; a forward without a prefix would leak
+                raise ValueError("this VLM is a prefix-LM (attention='prefix'): pass prefix_len, the number of "
+                                 "image + prompt tokens per row (attended bidirectionally)")
+            prefix_len = ids.shape[1]
+        if c.attention == "causal" and prefix_len is not None:
+            raise ValueError("this VLM is causal (attention='causal', LLaVA); prefix_len is for attention='prefix'")
+        x, aux = self.embed(images, ids, train=train)
+        logits, lm_aux = self.lm(x, positions=positions, kv_valid=kv_valid, prefix_len=prefix_len, cache=cache,
+                                 cache_index=cache_index, train=train, return_blocks=return_blocks)
+        aux.update(lm_aux)
+        return logits, aux
+
+
+def generate(model: VLM, params, images, ids, *, max_new_tokens: int, lengths=None, prefix_len=None,
+             mesh=None, rules=None, **sampling):
+    """Generates with images: the spliced prompt embeddings go to `mmjax.decode.generate` on the LM
+    (prefill + KV-cache steps on device; generated tokens are embedded by the LM as text).
+
+    Args:
+      model, params: a VLM and its params (plain or boxed, {"params": ...} or the tree).
+      images: [B, H, W, C] or [B, K, H, W, C].
+      ids: int [B, T] prompts, right-padded; row b's prompt is ids[b, :lengths[b]] (default T) and
+        holds its K·N image placeholders (checked on the host).
+      prefix_len: attention="prefix" only: image + prompt tokens per row (int or [B]), bidirectional
+        during the prefill; default: the whole prompt (PaliGemma's prefix is image + BOS + prompt + "\\n").
+      max_new_tokens, **sampling: as `mmjax.decode.generate` (temperature, top_k, top_p, rng, eos_id,
+        pad_id, token_range, disallowed_ids, cache_len, cache_dtype, tokenizer).
+    Returns:
+      `mmjax.decode.Generation`: tokens [B, max_new_tokens], lengths [B], sequences (generated ids).
+    """
+    from mmjax.decode import generate as lm_generate  # decode imports the models package
+
+    c = model.cfg
+    ids = np.asarray(ids)
+    images = _as_image_batch(jnp.asarray(images))
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
+    lens = np.full((ids.shape[0],), ids.shape[1], np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    in_prompt = np.arange(ids.shape[1])[None, :] < lens[:, None]
+    check_image_tokens(np.where(in_prompt, ids, -1), c.image_token_id, image_tokens_per_image(c), images.shape[1])
+    if c.attention == "prefix":
+        prefix_len = lens if prefix_len is None else prefix_len
+    elif prefix_len is not None:
+        raise ValueError("this VLM is causal (attention='causal', LLaVA); prefix_len is for attention='prefix'")
+    variables = nn.meta.unbox(params)
+    variables = variables if set(variables) == {"params"} else {"params": variables}
+    # Pad slots past a row's length may hold anything; make them text so the splice ignores them.
+    ids = np.where(in_prompt, ids, 0 if c.image_token_id != 0 else 1).astype(np.int32)
+    embeds, _ = _embed_fn(model)(variables, images, ids)
+    return lm_generate(LM(c.lm), variables["params"]["lm"], embeds, lengths=lens, max_new_tokens=max_new_tokens,
+                       prefix_len=prefix_len, mesh=mesh, rules=rules, **sampling)
+
+
+@functools.lru_cache(maxsize=16)
+def _embed_fn(model: VLM):
+    """One jitted `VLM.embed` per model (the ids were checked on the host)."""
+    return jax.jit(lambda v, images, ids: model.apply(v, images, ids, method=VLM.embed))
+
+
+__all__ = ["VLM", "Projector", "VLMConfig", "check_image_tokens", "check_vlm_config", "generate",
+           "image_tokens_per_image"]
