@@ -5,6 +5,7 @@
     mmjax bench --suite gpu [--out bench_gpu.json]              ViT-B/16, CLIP-B/16, decode vs PyTorch
     mmjax bench-data [--name shapes] [...]
     mmjax bench-decode [--batch-sizes 8,1] [...]
+    mmjax ask --workdir runs/vlm_shapes --image scene.png "what color is the circle?"
 
 Environment: MMJAX_HUGEPAGE_MALLOC=1 re-executes any command under glibc malloc tunables for
 XLA:CPU (huge pages); the benchmarks do so by default when the backend would be the CPU
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
     tr.add_argument("--workdir", required=True, help="run directory (resumed if it holds checkpoints)")
+    ask_p = sub.add_parser("ask", help="answer a question about an image with a trained VLM run (greedy)")
+    ask_p.add_argument("--workdir", required=True, help="a `vlm` run directory (its config + latest checkpoint)")
+    ask_p.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
+    ask_p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's loss.max_answer_tokens")
+    ask_p.add_argument("question", help='e.g. "what color is the circle?"')
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
     sub.add_parser("bench", help="train-step benchmarks: ViT, CLIP vs HF CLIPModel, --suite gpu "
                                  "(see mmjax bench --help)")
@@ -105,7 +111,51 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if overrides:
         parser.error(f"--config.* overrides only apply to `train`: {overrides}")
+    if args.command == "ask":
+        return ask(args.workdir, args.image, args.question, max_new_tokens=args.max_new_tokens)
     return 1
+
+
+def read_image(path: str):
+    """An image file → float32 [H, W, 3] in [0, 1] (RGB; alpha dropped, grey repeated)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.float32) / 255.0
+    except FileNotFoundError:
+        raise ValueError(f"--image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {path} is not a readable image ({e})") from None
+
+
+def ask(workdir: str, image: str, question: str, *, max_new_tokens: int | None = None) -> int:
+    """`mmjax ask`: the run's config and latest checkpoint, the question in the run's prompt
+    template after the image block, a greedy answer printed on stdout."""
+    import json
+    from pathlib import Path
+
+    config_path = Path(workdir) / "config.json"
+    if not config_path.is_file():
+        return _error(f"--workdir {workdir} holds no run (no config.json); give a directory `mmjax train` wrote")
+    task_name = json.loads(config_path.read_text()).get("task")
+    if task_name != "vlm":
+        return _error(f"--workdir {workdir} is a {task_name!r} run, not a VLM run (task 'vlm'); `ask` needs "
+                      "a vision-language model")
+    try:
+        pixels = read_image(image)
+    except ValueError as e:
+        return _error(str(e))
+    from mmjax.experiment import latest_checkpoint_step, load_run
+    if latest_checkpoint_step(workdir) is None:
+        return _error(f"--workdir {workdir} has no checkpoint yet (train it first, or wait for its first save)")
+    from mmjax.tasks.vlm import VLMTask, ask_prompt, image_for
+    cfg, _, params = load_run(workdir)
+    task = VLMTask(cfg)
+    ids = ask_prompt(task, question)
+    answer = task.answer(params, image_for(task, pixels), ids, [ids.shape[1]], max_new_tokens=max_new_tokens)[0]
+    print(answer)
+    return 0
 
 
 def entry() -> None:

@@ -97,10 +97,22 @@ def _skips(cfg: DataConfig) -> bool:
     return cfg.on_bad_example == "skip" or cfg.on_long_text == "skip"
 
 
-def _decode(cfg: DataConfig) -> transforms.GuardBad:
+def _decode(cfg: DataConfig, keep_fields: tuple[str, ...] = ()) -> transforms.GuardBad:
+    fields = tuple(cfg.extra_fields) + tuple(f for f in keep_fields if f not in cfg.extra_fields)
+    # Multi-crop tiles see the image at g·S: decoding at S would throw that detail away first.
+    size = cfg.image_size * cfg.multi_crop_grid if cfg.multi_crop_grid and cfg.image_size else cfg.image_size
     return transforms.GuardBad(
-        transforms.DecodeImage(cfg.image_size, cfg.resize_mode, cfg.text_field, tuple(cfg.extra_fields)),
-        cfg.on_bad_example)
+        transforms.DecodeImage(size, cfg.resize_mode, cfg.text_field, fields), cfg.on_bad_example)
+
+
+def _example_transform(ds: grain.MapDataset, transform, seed: int) -> grain.MapDataset:
+    """A task's per-example transform (e.g. `mmjax.data.vlm.ShapesToVLM`), as a RandomMap drawing
+    from (seed, stream position) when it is one, else a Map."""
+    if transform is None:
+        return ds
+    if isinstance(transform, grain.transforms.RandomMap):
+        return ds.seed(seed).random_map(transform)
+    return ds.map(transform)
 
 
 def _finish(cfg: DataConfig, ds: grain.MapDataset) -> grain.MapDataset:
@@ -159,8 +171,8 @@ def _to_iter(cfg: DataConfig, ds: grain.MapDataset, local_batch: int) -> grain.I
 
 
 def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+                   process_index: int | None = None, process_count: int | None = None,
+                   example_transform=None, keep_fields: tuple[str, ...] = ()) -> grain.DatasetIterator:
     """Infinite iterator of this process's training batches (see the module docstring).
 
     Args:
@@ -169,6 +181,9 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
       seed: run seed; with cfg.shuffle_seed it fixes the epoch orders and augmentations.
       process_index, process_count: this process's slot; default `jax.process_index()` and
         `jax.process_count()`. Pass both to simulate hosts.
+      example_transform: a task's grain Map or RandomMap, applied after augmentation and before
+        multi-crop / normalisation / tokenisation (a RandomMap draws from the stream position).
+      keep_fields: raw dataset fields the decoder keeps for it (e.g. "questions", "answers").
 
     Returns:
       A grain `DatasetIterator`; each `next()` is a dict of numpy arrays with b = G / process_count:
@@ -191,7 +206,7 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
     else:
         ds = _source(cfg, cfg.name, cfg.train_split).seed(pipeline_seed)
         ds = ds.shuffle().repeat()  # repeat() re-seeds the shuffle per epoch: a new order each epoch.
-    ds = ds.map(_decode(cfg))
+    ds = ds.map(_decode(cfg, keep_fields))
     # Random stages before the per-process slice, so the rng index is the global stream position.
     if cfg.random_resized_crop is not None:
         ds = ds.seed(pipeline_seed + 101).random_map(
@@ -200,6 +215,7 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
     if cfg.text_negatives:
         ds = ds.seed(pipeline_seed + 303).random_map(
             transforms.SwapWordNegative(tuple(map(tuple, cfg.text_negatives)), cfg.text_negatives_per_text))
+    ds = _example_transform(ds, example_transform, pipeline_seed + 404)
     ds = _finish(cfg, ds)
     ds = ds[process_index::process_count]
     return iter(_to_iter(cfg, ds, local_batch))
@@ -211,8 +227,9 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 
 
 def eval_batches(cfg: DataConfig, *, split: str | None = None, global_batch_size: int,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_index: int | None = None, process_count: int | None = None,
+                 example_transform=None, keep_fields: tuple[str, ...] = (),
+                 transform_seed: int = 0) -> grain.IterDataset:
     """This process's share of one pass over an eval split, padded to full static-shape batches.
 
     The split's N examples, in file order, followed by ceil(N / G) * G - N all-zero padding
@@ -224,6 +241,8 @@ def eval_batches(cfg: DataConfig, *, split: str | None = None, global_batch_size
       cfg: dataset and preprocessing; `split` defaults to cfg.eval_split.
       global_batch_size: G, a multiple of process_count; need not divide N.
       process_index, process_count: as in `train_iterator`.
+      example_transform, keep_fields: as in `train_iterator`; a RandomMap draws from
+        (transform_seed, example index), so every evaluation sees the same examples.
 
     Returns:
       A re-iterable grain `IterDataset` (each `iter()` is a fresh pass) of dicts:
@@ -242,7 +261,8 @@ def eval_batches(cfg: DataConfig, *, split: str | None = None, global_batch_size
 
     # A bad example (skip policy) stays in place as a padding example (mask False), so every
     # process still yields the same static number of batches; it is counted in SKIPPED.
-    examples = _finish(cfg, grain.MapDataset.source(source).map(_decode(cfg)))
+    examples = grain.MapDataset.source(source).map(_decode(cfg, keep_fields))
+    examples = _finish(cfg, _example_transform(examples, example_transform, transform_seed))
     template = next((examples[i] for i in range(num_examples) if examples[i] is not None), None)
     if template is None:
         raise ValueError(f"split '{split}' of dataset '{cfg.name}' has no usable example")

@@ -31,6 +31,16 @@ under jit cannot be checked (surplus placeholders would repeat the row's last im
 ones would leave features out), so check the data on the host (`check_image_tokens`) before it
 reaches a jitted step; `generate` does.
 
+Multi-crop (Molmo; `multicrop_grid` = g > 0): each row is one image given as its crops
+[B, 1 + g², S, S, C] (`mmjax.data.transforms.MultiCrop`: the global view, then the g×g tiles).
+Every crop goes through the tower; its patch features [h, w, Dv·L] (CLS dropped) are pooled 2×2 by
+`AttentionPool2x2` (query = the window's mean) to [h/2, w/2, Dv·L], put in the placeholder order of
+`multicrop_layout` (global view rows, then the tile grid read as one picture) and projected:
+
+    N = (1 + g²) · (h/2) · (w/2) placeholders per row, inside the layout's start / col / end text ids
+
+(the pooling's weights sit under multicrop_pool/; with g = 0 the model has none: the HF-parity path).
+
 Params: vision/... (the ViT), projector/{linear_1, linear_2 | linear}/{kernel, bias} (logical axes
 ("embed", "mlp") and ("mlp", "embed"), as an MLP's), lm/... (the LM). `generate` decodes with images
 through `mmjax.decode.generate` on the LM, with the spliced prompt embeddings and the KV cache.
@@ -48,6 +58,7 @@ import numpy as np
 
 from mmjax.config import config
 from mmjax.layers import DenseGeneral, TransformerConfig, get_activation
+from mmjax.layers.multicrop import AttentionPool2x2, arrange_multicrop_features
 from mmjax.layers.transformer import to_dtype
 from mmjax.models.lm import LM, LMConfig
 from mmjax.models.vit import ViT, ViTConfig
@@ -68,6 +79,9 @@ class VLMConfig:
       projector_hidden_act / multimodal_projector_bias ("gelu" is the exact erf GELU).
     attention: "causal" (LLaVA) or "prefix" (PaliGemma: image + prompt bidirectional, answer causal;
       every call then passes prefix_len).
+    multicrop_grid: 0 = off (one feature per patch, K images per row); g > 0 = each row is one image's
+      1 + g² crops, pooled 2×2 and laid out as `multicrop_layout` (module docstring).
+    multicrop_pool_heads: heads of the 2×2 attention pooling (they divide Dv·L).
     """
 
     vision: ViTConfig = ViTConfig(
@@ -82,6 +96,8 @@ class VLMConfig:
     projector_activation: str = "gelu"
     projector_bias: bool = True
     attention: Literal["causal", "prefix"] = "causal"
+    multicrop_grid: int = 0
+    multicrop_pool_heads: int = 1
 
 
 def check_vlm_config(cfg: VLMConfig) -> None:
@@ -112,11 +128,41 @@ def check_vlm_config(cfg: VLMConfig) -> None:
     if cfg.attention not in ("causal", "prefix"):
         raise ValueError(f"attention must be 'causal' or 'prefix', got {cfg.attention!r}")
     get_activation(cfg.projector_activation)
+    if cfg.multicrop_grid < 0:
+        raise ValueError(f"multicrop_grid must be >= 0 (0 = off), got {cfg.multicrop_grid}")
+    if cfg.multicrop_grid:
+        grid = v.image_size // v.patch_size
+        if grid % 2:
+            raise ValueError(f"multi-crop pools 2×2 patches: the tower's {grid}×{grid} patch grid must be even "
+                             f"(image_size {v.image_size}, patch_size {v.patch_size})")
+        if v.pool == "cls" and cfg.vision_feature_select_strategy == "full":
+            raise ValueError("multi-crop pools the patch grid: a kept CLS token has no place in it; use "
+                             "vision_feature_select_strategy='default'")
+        width = v.encoder.width * (len(cfg.vision_feature_layers) if cfg.vision_feature_layers else 1)
+        if cfg.multicrop_pool_heads < 1 or width % cfg.multicrop_pool_heads:
+            raise ValueError(f"multicrop_pool_heads={cfg.multicrop_pool_heads} must divide the pooled feature "
+                             f"width {width}")
+
+
+def multicrop_pooled_grid(cfg: VLMConfig) -> int:
+    """h/2: the side of one crop's pooled feature grid (multi-crop)."""
+    return cfg.vision.image_size // cfg.vision.patch_size // 2
+
+
+def vlm_multicrop_layout(cfg: VLMConfig, *, start_id: int = 0, end_id: int = 0, col_id: int = 0):
+    """The `multicrop_layout` of this model's crops (the ids only matter to build sequences; the
+    model reads `feature_index`)."""
+    from mmjax.layers.multicrop import multicrop_layout
+    h = multicrop_pooled_grid(cfg)
+    return multicrop_layout(cfg.multicrop_grid, h, h, image_id=cfg.image_token_id, start_id=start_id,
+                            end_id=end_id, col_id=col_id)
 
 
 def image_tokens_per_image(cfg: VLMConfig) -> int:
     """N: the features (= placeholder tokens) one image gives: (H/P)² patches, + 1 with a CLS kept."""
     v = cfg.vision
+    if cfg.multicrop_grid:  # (1 + g²) crops of (h/2)² pooled features
+        return (1 + cfg.multicrop_grid ** 2) * multicrop_pooled_grid(cfg) ** 2
     n = (v.image_size // v.patch_size) ** 2
     return n + (1 if v.pool == "cls" and cfg.vision_feature_select_strategy == "full" else 0)
 
@@ -197,6 +243,14 @@ class VLM(nn.Module):
         self.vision = ViT(self.cfg.vision)
         self.projector = Projector(self.cfg)
         self.lm = LM(self.cfg.lm)
+        if self.cfg.multicrop_grid:
+            e = self.cfg.vision.encoder
+            self.multicrop_pool = AttentionPool2x2(num_heads=self.cfg.multicrop_pool_heads, dtype=to_dtype(e.dtype),
+                                                   param_dtype=to_dtype(e.param_dtype), ops=e.ops)
+
+    def images_per_row(self, images) -> int:
+        """K images per row, or 1 with multi-crop (the crops are one image)."""
+        return 1 if self.cfg.multicrop_grid else images.shape[1]
 
     def encode_images(self, images, *, train: bool = False):
         """images [B, H, W, C] or [B, K, H, W, C] → (image features [B, K·N, D], selected vision
@@ -204,6 +258,9 @@ class VLM(nn.Module):
         c = self.cfg
         images = _as_image_batch(images)
         b, k = images.shape[:2]
+        if c.multicrop_grid and k != 1 + c.multicrop_grid ** 2:
+            raise ValueError(f"multicrop_grid={c.multicrop_grid} takes 1 + g² = {1 + c.multicrop_grid ** 2} crops "
+                             f"per row, got images {images.shape}")
         flat = images.reshape((b * k,) + images.shape[2:])
         _, vaux = self.vision(flat, train=train, return_blocks=c.vision_feature_layers is not None)
         if c.vision_feature_layers is None:
@@ -215,7 +272,12 @@ class VLM(nn.Module):
             layers = [h[:, 1:] for h in layers]                         # drop CLS (checked: pool="cls")
         f = jnp.concatenate(layers, axis=-1) if len(layers) > 1 else layers[0]   # [B·K, N, Dv·L]
         n = f.shape[1]
-        f = f.reshape(b, k * n, f.shape[-1])
+        if c.multicrop_grid:  # [B, crops, h, w, Dv·L] → pooled [B, crops, h/2, w/2, ·] → layout order
+            side = c.vision.image_size // c.vision.patch_size
+            pooled = self.multicrop_pool(f.reshape(b, k, side, side, f.shape[-1]))
+            f = arrange_multicrop_features(pooled, vlm_multicrop_layout(c))
+        else:
+            f = f.reshape(b, k * n, f.shape[-1])
         f = constrain(f, ("act_batch", "act_len", None))
         out = self.projector(f).astype(to_dtype(c.lm.encoder.dtype))
         return constrain(out, ("act_batch", "act_len", "act_embed")), f
@@ -228,7 +290,7 @@ class VLM(nn.Module):
         if ids.ndim != 2 or ids.shape[0] != images.shape[0]:
             raise ValueError(f"ids must be [B, T] with B = {images.shape[0]} (the images' batch), got {ids.shape}")
         if not isinstance(ids, jax.core.Tracer):
-            check_image_tokens(ids, c.image_token_id, image_tokens_per_image(c), images.shape[1])
+            check_image_tokens(ids, c.image_token_id, image_tokens_per_image(c), self.images_per_row(images))
         is_image = ids == c.image_token_id                                          # [B, T]
         # Placeholders never reach the embedding table (the id may lie outside the vocabulary).
         text = self.lm.embed(jnp.where(is_image, 0, ids))                           # [B, T, D]
@@ -283,7 +345,8 @@ def generate(model: VLM, params, images, ids, *, max_new_tokens: int, lengths=No
         raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
     lens = np.full((ids.shape[0],), ids.shape[1], np.int32) if lengths is None else np.asarray(lengths, np.int32)
     in_prompt = np.arange(ids.shape[1])[None, :] < lens[:, None]
-    check_image_tokens(np.where(in_prompt, ids, -1), c.image_token_id, image_tokens_per_image(c), images.shape[1])
+    check_image_tokens(np.where(in_prompt, ids, -1), c.image_token_id, image_tokens_per_image(c),
+                       1 if c.multicrop_grid else images.shape[1])
     if c.attention == "prefix":
         prefix_len = lens if prefix_len is None else prefix_len
     elif prefix_len is not None:
@@ -304,4 +367,4 @@ def _embed_fn(model: VLM):
 
 
 __all__ = ["VLM", "Projector", "VLMConfig", "check_image_tokens", "check_vlm_config", "generate",
-           "image_tokens_per_image"]
+           "image_tokens_per_image", "multicrop_pooled_grid", "vlm_multicrop_layout"]

@@ -10,12 +10,14 @@ from mmjax.tasks.base import Task
 from mmjax.tasks.classification import ClassificationTask
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.lm import LMTask
+from mmjax.tasks.vlm import VLMTask
 
 TASKS: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "classification": ClassificationTask,
     "contrastive": ContrastiveTask,
     "lm": LMTask,
+    "vlm": VLMTask,
 }
 
 
@@ -25,4 +27,5 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "AutoencoderTask", "ClassificationTask", "ContrastiveTask", "LMTask", "Task", "get_task_class"]
+__all__ = ["TASKS", "AutoencoderTask", "ClassificationTask", "ContrastiveTask", "LMTask", "Task", "VLMTask",
+           "get_task_class"]

@@ -30,6 +30,12 @@ class Task(abc.ABC):
     def init_params(self, rng: jax.Array) -> Any:
         """Params with `nn.LogicallyPartitioned` boxes (sharding names), as `model.init` returns."""
 
+    def train_iterator(self, *, global_batch_size: int, seed: int):
+        """This process's training batches (`mmjax.data.pipeline.train_iterator` over cfg.data); a
+        task whose examples need a transform of its own (a VLM's sequences) passes it here."""
+        from mmjax.data import pipeline
+        return pipeline.train_iterator(self.cfg.data, global_batch_size=global_batch_size, seed=seed)
+
     def init_extra(self, params) -> Any:
         return {}
 

@@ -113,8 +113,6 @@ def _is_due(step: int, every: int, total: int) -> bool:
 def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     """Runs (or resumes) an experiment in `workdir`; returns the results also written to
     workdir/results.json."""
-    from mmjax.data import pipeline
-
     cfg = validate(cfg)
     shd.maybe_initialize_distributed(cfg.mesh)
     t = cfg.train
@@ -147,11 +145,15 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         tx, schedule = task.make_optimizer(t.steps, nn.meta.unbox(boxed))
         init_fn, abstract_state, state_sh, param_sh = create_sharded_state(task, cfg, mesh, tx)
 
-        train_iter = pipeline.train_iterator(cfg.data, global_batch_size=t.batch_size, seed=t.seed)
+        train_iter = task.train_iterator(global_batch_size=t.batch_size, seed=t.seed)
         ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints)
         restored = ckpt.restore_latest(abstract_state, data_iterator=train_iter)
         if restored is None:
             start, state = 0, init_fn(jax.random.PRNGKey(t.seed))
+            if cfg.init_from:  # pretrained params into the fresh state (Adam's zeros do not depend on them)
+                from mmjax.experiment import init_from_params
+                state = state.replace(params=init_from_params(state.params, cfg.init_from,
+                                                              log=lambda m: print(m, flush=True)))
         else:
             start, state = restored
             print(f"resumed from step {start} in {ckpt.directory}", flush=True)

@@ -1,0 +1,23 @@
+"""VLM on shapes, captioning: "describe the image." answered by the scene's caption, scored by
+parsing the generated captions back into objects (`caption_attribute_accuracy`: shape, colour,
+size and position per labelled object, on test and test_novel).
+
+    mmjax train --config experiments/vlm_shapes_caption.py --workdir runs/vlm_shapes_caption
+
+The model is vlm_shapes.py's (from scratch; init_from as there).
+"""
+
+import dataclasses
+import runpy
+from pathlib import Path
+
+BASE = runpy.run_path(str(Path(__file__).with_name("vlm_shapes.py")))
+
+
+def get_config():
+    cfg = BASE["get_config"]()
+    # bos + 16 image tokens + prompt + caption (≤ 39 tokens) + eos
+    return dataclasses.replace(
+        cfg, name="vlm_shapes_caption",
+        loss=dataclasses.replace(cfg.loss, sequence="caption", max_len=64, max_answer_tokens=44),
+        train=dataclasses.replace(cfg.train, eval_batch_size=250))
