@@ -53,6 +53,16 @@ def token_mask(text_len: jax.Array, length: int) -> jax.Array:
     return (jnp.arange(length)[None, :] < text_len[:, None]).astype(jnp.float32)
 
 
+def token_loss(s: dict, extra):
+    """`lm_cross_entropy` sums → (mean loss over supervised tokens, (metrics, extra)): the training
+    loss of every next-token task (the LM, the VLM)."""
+    tokens = jnp.maximum(s["weight_sum"], 1.0)
+    nll = s["nll_sum"] / tokens
+    metrics = {"nll": nll, "perplexity": jnp.exp(nll), "accuracy": s["correct_sum"] / tokens,
+               "z_loss": s["z_loss_sum"] / tokens, "tokens": s["weight_sum"]}
+    return s["loss_sum"] / tokens, (metrics, extra)
+
+
 class LMTask(Task):
     model_config_cls = LMConfig
     loss_config_cls = LMLossConfig
@@ -110,12 +120,7 @@ class LMTask(Task):
         return lm_cross_entropy(logits, targets, weights, z_loss=self.cfg.loss.z_loss)
 
     def loss_fn(self, params, extra, batch, rng):
-        s = self._token_sums(params, batch, train=True, rng=rng)
-        tokens = jnp.maximum(s["weight_sum"], 1.0)
-        nll = s["nll_sum"] / tokens
-        metrics = {"nll": nll, "perplexity": jnp.exp(nll), "accuracy": s["correct_sum"] / tokens,
-                   "z_loss": s["z_loss_sum"] / tokens, "tokens": s["weight_sum"]}
-        return s["loss_sum"] / tokens, (metrics, extra)
+        return token_loss(self._token_sums(params, batch, train=True, rng=rng), extra)
 
     def eval_fn(self, params, extra, batch):
         s = self._token_sums(params, batch, train=False, example_mask=batch["mask"])

@@ -40,6 +40,7 @@ from mmjax.models.vit import vit_forward_flops
 from mmjax.models.vlm import VLM, VLMConfig, check_image_tokens, image_tokens_per_image, vlm_multicrop_layout
 from mmjax.objectives.lm import lm_cross_entropy, next_token_targets
 from mmjax.tasks.base import Task
+from mmjax.tasks.lm import token_loss
 
 MULTICROP_TOKENS = ("<im_start>", "<im_end>", "<im_col>")
 LABEL_FIELDS = ("num_objects", "shape", "color", "size", "position")
@@ -192,12 +193,7 @@ class VLMTask(Task):
         return lm_cross_entropy(logits, targets, target_w, z_loss=self.cfg.loss.z_loss)
 
     def loss_fn(self, params, extra, batch, rng):
-        s = self._token_sums(params, batch, train=True, rng=rng)
-        tokens = jnp.maximum(s["weight_sum"], 1.0)
-        nll = s["nll_sum"] / tokens
-        metrics = {"nll": nll, "perplexity": jnp.exp(nll), "accuracy": s["correct_sum"] / tokens,
-                   "tokens": s["weight_sum"]}
-        return s["loss_sum"] / tokens, (metrics, extra)
+        return token_loss(self._token_sums(params, batch, train=True, rng=rng), extra)
 
     def eval_fn(self, params, extra, batch):
         s = self._token_sums(params, batch, train=False, example_mask=batch["mask"])
