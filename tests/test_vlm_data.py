@@ -156,6 +156,16 @@ def test_shapes_turns_and_caption_sequences():
     assert out["loss_weights"].sum() == sum(len(a) + 1 for a in ex["answers"])  # every answer and its eos
     text = tok.decode(out["ids"][:out["length"]])
     assert text == "".join(f"{q}\n{a}" for q, a in zip(ex["questions"], ex["answers"]))
+    # Drawn per example: the same turns, reordered, and the order differs between draws.
+    orders = set()
+    for seed in range(6):
+        drawn = vlm.ShapesToVLM(task="vqa_turns", image_tokens=2, max_len=400).random_map(
+            ex, np.random.default_rng(seed))
+        drawn_text = tok.decode(drawn["ids"][:drawn["length"]])
+        starts = sorted((drawn_text.index(f"{q}\n{a}"), q) for q, a in zip(ex["questions"], ex["answers"]))
+        assert len(drawn_text) == len(text) and drawn["loss_weights"].sum() == out["loss_weights"].sum()
+        orders.add(tuple(q for _, q in starts))
+    assert len(orders) > 1
     cap = vlm.ShapesToVLM(task="caption", image_tokens=2, max_len=300).map(ex)
     p, length = int(cap["prefix_len"]), int(cap["length"])
     assert tok.decode(cap["ids"][:p]) == "describe the image.\n"

@@ -218,7 +218,9 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
       "vqa"        one (question, one-word answer) pair: the `question_index`-th of the example's
                    pairs, or (None) one drawn with grain's per-example rng. Also `question_kind`
                    (index into shapes.QUESTION_KINDS) and `question_group` (into QUESTION_GROUPS).
-      "vqa_turns"  every pair of the example, in stored order, one turn each.
+      "vqa_turns"  every pair of the example, one turn each: in stored order (map), or in an order
+                   drawn per example (random_map), so each question is also asked first, alone
+                   with the image, as single-question evaluation asks it.
       "caption"    prompt `caption_prompt`, answer the caption.
     Each prompt is `prompt_template.format(prompt=question or caption_prompt)`: the template's
     separator ("\\n") stands between the question and the answer.
@@ -288,6 +290,8 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
                     if rng is None:
                         raise ValueError("task 'vqa' without question_index draws a pair: use random_map with a seed")
                     pairs = [pairs[int(rng.integers(len(pairs)))]]
+            elif rng is not None:  # vqa_turns
+                pairs = [pairs[i] for i in rng.permutation(len(pairs))]
         turns = [(encode(self.prompt_template.format(prompt=p)), encode(a)) for p, a in pairs]
         try:
             seq = build_vlm_turns(self.image_tokens, turns, max_len=self.max_len, image_id=image_id,

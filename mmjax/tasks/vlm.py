@@ -27,6 +27,7 @@ vision/..., projector/..., lm/... (stage 1: projector only; stage 2: projector +
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -51,7 +52,8 @@ class VLMLossConfig:
     """The sequences, the loss and the evaluation of the vlm task.
 
     sequence: "vqa" (one question per example, drawn per step), "vqa_turns" (every question of the
-      example as turns of one sequence) or "caption" (prompt `caption_prompt`, answer the caption).
+      example as turns of one sequence, in an order drawn per step; evaluated one question per
+      prompt, as "vqa") or "caption" (prompt `caption_prompt`, answer the caption).
     max_len: T, the padded sequence length (image block included).
     prompt_template, caption_prompt, system: as `ShapesToVLM` (the template ends the prompt, so the
       answer starts after its separator).
@@ -127,6 +129,10 @@ class VLMTask(Task):
                                      task=loss.sequence, system=loss.system, caption_prompt=loss.caption_prompt,
                                      prompt_template=loss.prompt_template,
                                      extra_special_tokens=MULTICROP_TOKENS if m.multicrop_grid else ())
+        # vqa_turns trains on every question of a scene at once; it is scored as it is used, one
+        # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
+        self.eval_transform = (dataclasses.replace(self.transform, task="vqa") if loss.sequence == "vqa_turns"
+                               else self.transform)
         self.image_key = "crops" if m.multicrop_grid else "image"
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
         if loss.sequence == "caption":
@@ -142,7 +148,7 @@ class VLMTask(Task):
         from mmjax.data import pipeline
         return pipeline.eval_batches(self.cfg.data, split=split,
                                      global_batch_size=global_batch_size or self.cfg.train.eval_batch_size,
-                                     example_transform=self.transform, keep_fields=self.raw_fields,
+                                     example_transform=self.eval_transform, keep_fields=self.raw_fields,
                                      transform_seed=self.cfg.loss.eval_seed)
 
     def example_batch(self, batch_size):
@@ -271,7 +277,7 @@ class VLMTask(Task):
                 scores = vdata.caption_attribute_accuracy(predictions, labels)
                 results.update({f"caption/{k}": v for k, v in scores.items()})
                 results["caption/attribute_accuracy"] = float(np.mean([scores[a] for a in vdata.CAPTION_ATTRIBUTES]))
-            elif self.cfg.loss.sequence == "vqa":
+            else:
                 results.update({f"vqa/{k}": v for k, v in vdata.vqa_accuracy(predictions, references, groups).items()})
             results["samples"] = [f"{r} → {q}" for q, r in list(zip(predictions, references))[:8]]
         return results
