@@ -53,17 +53,31 @@ def token_mask(text_len: jax.Array, length: int) -> jax.Array:
     return (jnp.arange(length)[None, :] < text_len[:, None]).astype(jnp.float32)
 
 
-def token_loss(s: dict, extra):
-    """`lm_cross_entropy` sums → (mean loss over supervised tokens, (metrics, extra)): the training
-    loss of every next-token task (the LM, the VLM)."""
-    tokens = jnp.maximum(s["weight_sum"], 1.0)
-    nll = s["nll_sum"] / tokens
-    metrics = {"nll": nll, "perplexity": jnp.exp(nll), "accuracy": s["correct_sum"] / tokens,
-               "z_loss": s["z_loss_sum"] / tokens, "tokens": s["weight_sum"]}
-    return s["loss_sum"] / tokens, (metrics, extra)
+class NextTokenTask(Task):
+    """A task trained by masked next-token cross-entropy (the LM, the VLM): subclasses define
+    `_token_sums(params, batch, *, train, rng=None, example_mask=None)`, the `lm_cross_entropy`
+    sums of a batch, and get the training loss and the evaluation sums from them."""
+
+    def _token_sums(self, params, batch, *, train, rng=None, example_mask=None) -> dict:
+        raise NotImplementedError
+
+    def loss_fn(self, params, extra, batch, rng):
+        """Mean loss over the supervised tokens of the global batch, (metrics, extra)."""
+        s = self._token_sums(params, batch, train=True, rng=rng)
+        tokens = jnp.maximum(s["weight_sum"], 1.0)
+        nll = s["nll_sum"] / tokens
+        metrics = {"nll": nll, "perplexity": jnp.exp(nll), "accuracy": s["correct_sum"] / tokens,
+                   "z_loss": s["z_loss_sum"] / tokens, "tokens": s["weight_sum"]}
+        return s["loss_sum"] / tokens, (metrics, extra)
+
+    def eval_fn(self, params, extra, batch):
+        """Sums over the batch's real examples (batch["mask"]): nll, correct, tokens, count."""
+        s = self._token_sums(params, batch, train=False, example_mask=batch["mask"])
+        return {"nll": s["nll_sum"], "correct": s["correct_sum"], "tokens": s["weight_sum"],
+                "count": jnp.sum(batch["mask"].astype(jnp.float32))}
 
 
-class LMTask(Task):
+class LMTask(NextTokenTask):
     model_config_cls = LMConfig
     loss_config_cls = LMLossConfig
 
@@ -118,14 +132,6 @@ class LMTask(Task):
         rngs = {"dropout": rng} if rng is not None else {}
         logits, _ = self.model.apply({"params": params}, inputs, train=train, rngs=rngs)
         return lm_cross_entropy(logits, targets, weights, z_loss=self.cfg.loss.z_loss)
-
-    def loss_fn(self, params, extra, batch, rng):
-        return token_loss(self._token_sums(params, batch, train=True, rng=rng), extra)
-
-    def eval_fn(self, params, extra, batch):
-        s = self._token_sums(params, batch, train=False, example_mask=batch["mask"])
-        return {"nll": s["nll_sum"], "correct": s["correct_sum"], "tokens": s["weight_sum"],
-                "count": jnp.sum(batch["mask"].astype(jnp.float32))}
 
     def summarize_eval(self, sums):
         tokens = max(sums["tokens"], 1.0)
@@ -224,4 +230,4 @@ def unigram_reference(data) -> dict[str, float]:
             "unigram_perplexity_oracle": float(np.exp(-(q * np.log(q)).sum()))}
 
 
-__all__ = ["LMLossConfig", "LMTask", "token_mask", "unigram_reference"]
+__all__ = ["LMLossConfig", "LMTask", "NextTokenTask", "token_mask", "unigram_reference"]

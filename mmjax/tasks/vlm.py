@@ -40,8 +40,7 @@ from mmjax.models.lm import lm_forward_flops
 from mmjax.models.vit import vit_forward_flops
 from mmjax.models.vlm import VLM, VLMConfig, check_image_tokens, image_tokens_per_image, vlm_multicrop_layout
 from mmjax.objectives.lm import lm_cross_entropy, next_token_targets
-from mmjax.tasks.base import Task
-from mmjax.tasks.lm import token_loss
+from mmjax.tasks.lm import NextTokenTask
 
 MULTICROP_TOKENS = ("<im_start>", "<im_end>", "<im_col>")
 LABEL_FIELDS = ("num_objects", "shape", "color", "size", "position")
@@ -80,7 +79,7 @@ class VLMLossConfig:
     tokenizer_field: str = "caption"
 
 
-class VLMTask(Task):
+class VLMTask(NextTokenTask):
     model_config_cls = VLMConfig
     loss_config_cls = VLMLossConfig
 
@@ -197,14 +196,6 @@ class VLMTask(Task):
         logits, _ = self.model.apply({"params": params}, batch[self.image_key], inputs, prefix_len=prefix,
                                      train=train, rngs=rngs)
         return lm_cross_entropy(logits, targets, target_w, z_loss=self.cfg.loss.z_loss)
-
-    def loss_fn(self, params, extra, batch, rng):
-        return token_loss(self._token_sums(params, batch, train=True, rng=rng), extra)
-
-    def eval_fn(self, params, extra, batch):
-        s = self._token_sums(params, batch, train=False, example_mask=batch["mask"])
-        return {"nll": s["nll_sum"], "correct": s["correct_sum"], "tokens": s["weight_sum"],
-                "count": jnp.sum(batch["mask"].astype(jnp.float32))}
 
     def train_flops_per_example(self):
         m = self.cfg.model
