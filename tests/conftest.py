@@ -45,6 +45,25 @@ def digits_dir(tmp_path_factory):
     return ensure_prepared("digits", str(tmp_path_factory.mktemp("tfds")))
 
 
+def prepare_small_shapes(data_dir, split_sizes: dict[str, int]) -> str:
+    """The real `shapes` builder (same name, version and examples) with test-sized splits,
+    prepared in `data_dir` at 32 px; returns data_dir."""
+    from mmjax.data import shapes as S
+
+    class _SmallShapes(S.ShapesBuilder, skip_registration=True):
+        name = "shapes"
+
+    _SmallShapes.split_sizes = dict(split_sizes)
+    _SmallShapes(data_dir=str(data_dir), config="32").download_and_prepare(file_format="array_record")
+    return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def small_shapes():
+    """`prepare_small_shapes`, for module fixtures that build their own test-sized shapes."""
+    return prepare_small_shapes
+
+
 def restore_params(workdir, step):
     """The params saved at `step` in a run's workdir, as numpy leaves (whatever mesh saved them)."""
     import jax

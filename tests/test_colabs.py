@@ -26,20 +26,12 @@ def _code_cells(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def notebook_data_dir(tmp_path_factory):
+def notebook_data_dir(tmp_path_factory, small_shapes):
     """One TFDS data dir (MMJAX_DATA_DIR names one) with digits and a test-sized shapes, 32 px."""
-    from mmjax.data import shapes as S
     from mmjax.data.registry import ensure_prepared
 
-    class _SmallShapes(S.ShapesBuilder, skip_registration=True):
-        """The real builder with test-sized splits (same name, version and examples)."""
-
-        name = "shapes"
-        split_sizes = {"train": 400, "test": 50, "test_novel": 10}
-
     data_dir = ensure_prepared("digits", str(tmp_path_factory.mktemp("tfds_notebooks")))
-    _SmallShapes(data_dir=data_dir, config="32").download_and_prepare(file_format="array_record")
-    return data_dir
+    return small_shapes(data_dir, {"train": 400, "test": 50, "test_novel": 10})
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from mmjax.data import registry
-from mmjax.data import shapes as S
 from mmjax.data.config import DataConfig
 from mmjax.experiment import ExperimentConfig, TrainConfig
 from mmjax.layers import TransformerConfig
@@ -27,18 +26,9 @@ STEPS = 30
 PROMPTS = ("", "a red")
 
 
-class _SmallShapes(S.ShapesBuilder, skip_registration=True):
-    """The real builder with test-sized splits (same name, version and examples)."""
-
-    name = "shapes"
-    split_sizes = {"train": 400, "test": 50, "test_novel": 10}
-
-
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
-    _SmallShapes(data_dir=data_dir, config="32").download_and_prepare(file_format="array_record")
-    return data_dir
+def shapes_dir(tmp_path_factory, small_shapes):
+    return small_shapes(tmp_path_factory.mktemp("tfds_shapes"), {"train": 400, "test": 50, "test_novel": 10})
 
 
 def _config(data_dir, **loss) -> ExperimentConfig:

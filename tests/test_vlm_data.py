@@ -1,6 +1,8 @@
 """VLM sequences, the shapes VQA / caption transforms, the caption parser and the VQA / caption
 scores, against sequences, parses and scores written out by hand."""
 
+import dataclasses
+
 import grain
 import jax.numpy as jnp
 import numpy as np
@@ -182,6 +184,23 @@ def test_shapes_turns_and_caption_sequences():
         vlm.ShapesToVLM(image_tokens=2, question_index=0).map({**ex, "questions": ["what is <image>?"] * 6})
     with pytest.raises(ValueError, match="task must be one of"):
         vlm.ShapesToVLM(task="chat")
+    # caption_rate: a drawn example is either the caption turn (as task "caption" builds it) or all
+    # its questions; rate 1 always the caption, and no rate outside vqa_turns.
+    mixed = vlm.ShapesToVLM(task="vqa_turns", image_tokens=2, max_len=400, caption_rate=0.5)
+    kinds = []
+    for seed in range(12):
+        drawn = mixed.random_map(ex, np.random.default_rng(seed))
+        is_caption = tok.decode(drawn["ids"][:int(drawn["prefix_len"])]) == "describe the image.\n"
+        if is_caption:
+            np.testing.assert_array_equal(drawn["ids"][:length], cap["ids"][:length])
+        else:
+            assert drawn["loss_weights"].sum() == out["loss_weights"].sum()
+        kinds.append(is_caption)
+    assert 0 < sum(kinds) < len(kinds)
+    always = dataclasses.replace(mixed, caption_rate=1.0).random_map(ex, np.random.default_rng(0))
+    np.testing.assert_array_equal(always["ids"][:300], cap["ids"])
+    with pytest.raises(ValueError, match="caption_rate"):
+        vlm.ShapesToVLM(task="vqa", caption_rate=0.5)
 
 
 # --- evaluation -----------------------------------------------------------------------------------

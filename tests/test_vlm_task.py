@@ -29,16 +29,9 @@ IMAGE_ID = vlm_tokenizer("bytes").token_to_id("<image>")  # 259: bytes + bos/eos
 MAX_LEN = 72  # bos + 4 placeholders + the longest question in bytes + answer + eos
 
 
-class _SmallShapes(S.ShapesBuilder, skip_registration=True):
-    name = "shapes"
-    split_sizes = {"train": 64, "test": 12, "test_novel": 6}
-
-
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds_shapes_vlm"))
-    _SmallShapes(data_dir=data_dir, config="32").download_and_prepare(file_format="array_record")
-    return data_dir
+def shapes_dir(tmp_path_factory, small_shapes):
+    return small_shapes(tmp_path_factory.mktemp("tfds_shapes_vlm"), {"train": 64, "test": 12, "test_novel": 6})
 
 
 def _model(multicrop_grid=0, vocab=None, vision_width=32):
@@ -164,6 +157,18 @@ def test_run_reports_vqa_accuracy_by_group_and_test_novel(run):
     assert ev["vqa/examples"] == 12 and ev["test_novel/vqa/examples"] == 6
     assert any(k.startswith("vqa/accuracy/") for k in ev)
     assert np.isfinite(results["train"]["loss"])
+
+
+def test_vqa_turns_trains_long_mixed_sequences_and_scores_single_questions(shapes_dir):
+    cfg = _config(shapes_dir, sequence="vqa_turns", eval_max_len=MAX_LEN - 8, caption_rate=0.5)
+    task = VLMTask(cfg)
+    assert (task.transform.task, task.transform.max_len, task.transform.caption_rate) == ("vqa_turns", MAX_LEN, 0.5)
+    assert (task.eval_transform.task, task.eval_transform.max_len, task.eval_transform.caption_rate) == (
+        "vqa", MAX_LEN - 8, 0.0)
+    train = next(task.train_iterator(global_batch_size=8, seed=0))
+    assert train["ids"].shape == (8, MAX_LEN)
+    ev = next(iter(task.eval_batches("test")))
+    assert ev["ids"].shape == (8, MAX_LEN - 8) and "question_group" in ev
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")

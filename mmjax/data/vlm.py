@@ -222,6 +222,10 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
                    drawn per example (random_map), so each question is also asked first, alone
                    with the image, as single-question evaluation asks it.
       "caption"    prompt `caption_prompt`, answer the caption.
+    `caption_rate` p (vqa_turns under random_map only): each example is instead, with probability p,
+    the caption turn (CapPa's point, Tschannen et al. 2023: predicting the whole caption supervises
+    every object's attributes in their places, where a contrastive tower and a one-word answer
+    leave binding weakly supervised).
     Each prompt is `prompt_template.format(prompt=question or caption_prompt)`: the template's
     separator ("\\n") stands between the question and the answer.
 
@@ -250,6 +254,7 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
     on_long: str = "truncate"
     add_bos: bool = True
     keep_text: bool = False
+    caption_rate: float = 0.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -260,6 +265,9 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
             raise ValueError(f"prompt_template {self.prompt_template!r} has no '{{prompt}}'")
         if self.question_index is not None and self.task != "vqa":
             raise ValueError(f"question_index is for task 'vqa', not {self.task!r}")
+        if not 0.0 <= self.caption_rate <= 1.0 or (self.caption_rate and self.task != "vqa_turns"):
+            raise ValueError(f"caption_rate must lie in [0, 1] and is for task 'vqa_turns' only, got "
+                             f"{self.caption_rate!r} with task {self.task!r}")
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
@@ -276,7 +284,7 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
         tok = vlm_tokenizer(self.tokenizer, self.special_tokens)
         image_id = tok.token_to_id(self.image_token)
         encode = tok.encode
-        if self.task == "caption":
+        if self.task == "caption" or (rng is not None and self.caption_rate and rng.random() < self.caption_rate):
             pairs = [(self.caption_prompt, _text(example["caption"]))]
         else:
             pairs = self._pairs(example)

@@ -54,6 +54,10 @@ class VLMLossConfig:
       example as turns of one sequence, in an order drawn per step; evaluated one question per
       prompt, as "vqa") or "caption" (prompt `caption_prompt`, answer the caption).
     max_len: T, the padded sequence length (image block included).
+    eval_max_len: T of the evaluation sequences (None: max_len); vqa_turns trains on long sequences
+      but is scored one question per prompt, which needs far fewer positions.
+    caption_rate: with vqa_turns, the fraction of training examples that are the caption turn
+      instead (`ShapesToVLM.caption_rate`); evaluation stays VQA.
     prompt_template, caption_prompt, system: as `ShapesToVLM` (the template ends the prompt, so the
       answer starts after its separator).
     max_answer_tokens: greedy tokens generated per question at evaluation (eos included).
@@ -67,6 +71,8 @@ class VLMLossConfig:
 
     sequence: Literal["vqa", "vqa_turns", "caption"] = "vqa"
     max_len: int = 48
+    eval_max_len: int | None = None
+    caption_rate: float = 0.0
     prompt_template: str = "{prompt}\n"
     caption_prompt: str = "describe the image."
     system: str = ""
@@ -126,14 +132,17 @@ class VLMTask(NextTokenTask):
             image_tokens = image_tokens_per_image(m)
         self.transform = ShapesToVLM(tokenizer=spec, image_tokens=image_tokens, max_len=loss.max_len,
                                      task=loss.sequence, system=loss.system, caption_prompt=loss.caption_prompt,
-                                     prompt_template=loss.prompt_template,
+                                     prompt_template=loss.prompt_template, caption_rate=loss.caption_rate,
                                      extra_special_tokens=MULTICROP_TOKENS if m.multicrop_grid else ())
         # vqa_turns trains on every question of a scene at once; it is scored as it is used, one
         # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
-        self.eval_transform = (dataclasses.replace(self.transform, task="vqa") if loss.sequence == "vqa_turns"
-                               else self.transform)
+        self.eval_transform = dataclasses.replace(
+            self.transform, max_len=loss.eval_max_len or loss.max_len, caption_rate=0.0,
+            task="vqa" if loss.sequence == "vqa_turns" else loss.sequence)
         self.image_key = "crops" if m.multicrop_grid else "image"
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
+        if loss.caption_rate:
+            self.raw_fields += ("caption",)
         if loss.sequence == "caption":
             self.raw_fields += LABEL_FIELDS  # scoring parsed captions needs the scene's labels
 
