@@ -72,6 +72,12 @@ def test_mask_helper_cases():
     np.testing.assert_array_equal(step[:, 0, 0], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="prefix_len"):
         make_attention_mask(3, prefix_len=1)
+    # Segments with a shared prefix: tokens 0-1 are segment 0, 2-3 segment 1, 4 segment 2 (causal).
+    seg = make_attention_mask(5, causal=True, segment_ids=jnp.array([[0, 0, 1, 1, 2]]))[0, 0]
+    np.testing.assert_array_equal(seg, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
+                                        [1, 1, 0, 0, 1]])
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        make_attention_mask(1, 5, causal=True, segment_ids=jnp.zeros((1, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])

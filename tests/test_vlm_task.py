@@ -171,6 +171,37 @@ def test_vqa_turns_trains_long_mixed_sequences_and_scores_single_questions(shape
     assert ev["ids"].shape == (8, MAX_LEN - 8) and "question_group" in ev
 
 
+def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_dir):
+    """vqa_packed: the logits of every turn of a packed sequence equal those of the same question
+    asked alone ("vqa" with question_index), and the loss weights cover every answer once."""
+    from mmjax.data import shapes as shapes_data
+    cfg = _config(shapes_dir, sequence="vqa_packed")
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=320), model=dataclasses.replace(
+        cfg.model, lm=dataclasses.replace(cfg.model.lm, max_len=400)))   # six questions in bytes
+    task = VLMTask(cfg)
+    params = _init(task)
+    ex = shapes_data.generate_example("test", 3)
+    image = (ex["image"][None, ::2, ::2].astype(np.float32) / 255.0)         # the 16-px tower
+    packed = task.transform.map(ex)
+    assert packed["segment_ids"].max() == len(ex["questions"]) + 1            # turns 1..6, then padding
+    logits, _ = task.model.apply({"params": params}, image, packed["ids"][None],
+                                 positions=packed["positions"][None], segment_ids=packed["segment_ids"][None])
+    supervised = 0
+    for i in range(len(ex["questions"])):
+        single = dataclasses.replace(task.transform, task="vqa", question_index=i).map(ex)
+        n = int(single["length"])
+        ref, _ = task.model.apply({"params": params}, image, single["ids"][None, :n])
+        turn = np.flatnonzero(packed["segment_ids"] == i + 1)
+        start = n - turn.size                                    # alone, the turn follows the image block
+        np.testing.assert_array_equal(packed["ids"][turn], single["ids"][start:n])
+        np.testing.assert_allclose(logits[0, turn], ref[0, start:n], atol=2e-5, rtol=1e-5)
+        np.testing.assert_array_equal(packed["loss_weights"][turn], single["loss_weights"][start:n])
+        supervised += single["loss_weights"].sum()
+    assert packed["loss_weights"].sum() == supervised
+    with pytest.raises(ValueError, match="vqa_packed.*causal"):
+        VLMTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="prefix")))
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_sharded_step_equals_one_device(shapes_dir, batch):
     def go(mesh_shape, devices):

@@ -6,6 +6,12 @@ slots that the projected image features replace in the LM's input embeddings:
     [bos] [system] <image>×N [prompt] [answer] [eos] [pad ...]          (one turn)
     [bos] [system] <image>×N [prompt₁] [answer₁] [eos] [prompt₂] [answer₂] [eos] ...   (turns)
 
+Packed turns (`packed=True`) are the same ids with `segment_ids` and `positions`: bos, system and
+image are segment 0, turn k is segment k + 1 and sees only segment 0 and itself (the mask helper's
+shared-prefix rule), and every turn's positions restart where the image ends. Each turn is then
+computed exactly as the single-turn sequence [bos] [system] image [prompt_k] [answer_k] [eos]
+would be, while the image block is encoded and attended once for all turns.
+
 Loss weights sit on the *ids* (inputs), not on the targets: w_t = 1 iff ids_t is a token the model
 must produce, i.e. an answer token or the eos that ends an answer; 0 on bos, system, image, prompt
 and padding positions. The next-token shift then moves them onto the targets, exactly as the LM
@@ -46,7 +52,7 @@ from mmjax.data import shapes
 from mmjax.data.transforms import BadExample
 
 IMAGE_TOKEN = "<image>"
-TASKS = ("vqa", "vqa_turns", "caption")
+TASKS = ("vqa", "vqa_turns", "vqa_packed", "caption")
 # The groups VQA accuracy is reported by, and which question kind of shapes.questions_for falls in
 # which: the attribute a question asks for, "position" for the neighbour questions (the answer is a
 # shape, but finding it means resolving "directly below the red circle"). "exists" (yes/no about a
@@ -108,7 +114,8 @@ def _check_text(ids: np.ndarray, image_id: int, what: str) -> None:
 
 def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                     max_len: int, image_id: int, pad_id: int, bos_id: int | None, eos_id: int | None,
-                    system_ids: Sequence[int] = (), truncate: bool = True) -> dict[str, np.ndarray]:
+                    system_ids: Sequence[int] = (), truncate: bool = True,
+                    packed: bool = False) -> dict[str, np.ndarray]:
     """One training sequence with several (prompt, answer) turns, each answer supervised:
 
         [bos] [system] image [prompt₁] [answer₁] [eos] [prompt₂] [answer₂] [eos] ... [pad]
@@ -123,11 +130,15 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
       truncate: a sequence longer than T is cut at T (the end of the text goes: later turns, then
         the end of the last answer kept) if that keeps the image block and at least one supervised
         token; otherwise, or with truncate=False, `VLMSequenceError`.
+      packed: also return segment_ids and positions (module docstring): each turn sees only the
+        prefix and itself.
 
     Returns:
       ids int32 [T]; loss_weights float32 [T], aligned with ids (1 on answer tokens and the eos
       after each answer; see the module docstring for the shift onto targets); prefix_len int32 []
-      (positions before the first answer token); length int32 [] (tokens before the padding).
+      (positions before the first answer token); length int32 [] (tokens before the padding);
+      with packed, segment_ids int32 [T] (0 prefix, k + 1 turn k, padding a segment of its own) and
+      positions int32 [T] (prefix 0 … E − 1, each turn E, E + 1, …; E = the end of the image block).
     """
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
         raise ValueError(f"max_len must be an int >= 2 (a token and the one it predicts), got {max_len!r}")
@@ -140,6 +151,7 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
     system = _as_ids(system_ids, "the system text")
     _check_text(system, image_id, "system text")
     parts = [(np.asarray([bos_id] if bos_id is not None else [], np.int64), 0.0), (system, 0.0), (image, 0.0)]
+    segments = [0, 0, 0]  # per part
     for i, (prompt, answer) in enumerate(turns):
         prompt, answer = _as_ids(prompt, f"prompt {i}"), _as_ids(answer, f"answer {i}")
         _check_text(prompt, image_id, f"prompt of turn {i}")
@@ -147,7 +159,9 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
         if eos_id is not None:
             answer = np.concatenate([answer, [eos_id]])
         parts += [(prompt, 0.0), (answer, 1.0)]
+        segments += [i + 1, i + 1]
     ids = np.concatenate([p for p, _ in parts])
+    segment_ids = np.concatenate([np.full(p.size, g, np.int32) for (p, _), g in zip(parts, segments)])
     weights = np.concatenate([np.full(p.size, w, np.float32) for p, w in parts])
     image_end = sum(p.size for p, _ in parts[:3])
     prefix_len = image_end + parts[3][0].size
@@ -159,7 +173,7 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
         if image_end > max_len:
             raise VLMSequenceError(f"{described}: truncating would cut the image block "
                                    f"({image.size} ids, {int((image == image_id).sum())} placeholders)")
-        ids, weights = ids[:max_len], weights[:max_len]
+        ids, weights, segment_ids = ids[:max_len], weights[:max_len], segment_ids[:max_len]
     if not weights.any():
         where = (f"the first answer token would sit at {prefix_len} >= max_len={max_len}" if prefix_len >= max_len
                  else f"no answer token within the first {ids.size} tokens: empty answers and eos_id=None")
@@ -174,7 +188,16 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
     out_ids[:length] = ids
     out_w = np.zeros((max_len,), np.float32)
     out_w[:length] = weights
-    return {"ids": out_ids, "loss_weights": out_w, "prefix_len": np.int32(prefix_len), "length": np.int32(length)}
+    out = {"ids": out_ids, "loss_weights": out_w, "prefix_len": np.int32(prefix_len), "length": np.int32(length)}
+    if packed:
+        out_seg = np.full((max_len,), len(turns) + 1, np.int32)   # padding: its own segment
+        out_seg[:length] = segment_ids
+        # Segment ids never decrease along the sequence: a segment starts at its first index.
+        start = np.searchsorted(segment_ids, segment_ids, side="left")
+        positions = np.full((max_len,), image_end, np.int32)
+        positions[:length] = np.where(segment_ids == 0, np.arange(length), image_end + np.arange(length) - start)
+        out["segment_ids"], out["positions"] = out_seg, positions
+    return out
 
 
 def build_vlm_sequence(image_tokens: int | Sequence[int], prompt_ids: Sequence[int], answer_ids: Sequence[int], *,
@@ -221,8 +244,11 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
       "vqa_turns"  every pair of the example, one turn each: in stored order (map), or in an order
                    drawn per example (random_map), so each question is also asked first, alone
                    with the image, as single-question evaluation asks it.
+      "vqa_packed" the same turns packed (`build_vlm_turns(packed=True)`): each turn sees only the
+                   image block and itself, at the positions a single question has; adds
+                   segment_ids and positions int32 [max_len].
       "caption"    prompt `caption_prompt`, answer the caption.
-    `caption_rate` p (vqa_turns under random_map only): each example is instead, with probability p,
+    `caption_rate` p (vqa_turns / vqa_packed under random_map only): each example is instead, with probability p,
     the caption turn (CapPa's point, Tschannen et al. 2023: predicting the whole caption supervises
     every object's attributes in their places, where a contrastive tower and a one-word answer
     leave binding weakly supervised).
@@ -265,8 +291,8 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
             raise ValueError(f"prompt_template {self.prompt_template!r} has no '{{prompt}}'")
         if self.question_index is not None and self.task != "vqa":
             raise ValueError(f"question_index is for task 'vqa', not {self.task!r}")
-        if not 0.0 <= self.caption_rate <= 1.0 or (self.caption_rate and self.task != "vqa_turns"):
-            raise ValueError(f"caption_rate must lie in [0, 1] and is for task 'vqa_turns' only, got "
+        if not 0.0 <= self.caption_rate <= 1.0 or (self.caption_rate and self.task not in ("vqa_turns", "vqa_packed")):
+            raise ValueError(f"caption_rate must lie in [0, 1] and is for tasks 'vqa_turns' and 'vqa_packed', got "
                              f"{self.caption_rate!r} with task {self.task!r}")
 
     @property
@@ -298,13 +324,14 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
                     if rng is None:
                         raise ValueError("task 'vqa' without question_index draws a pair: use random_map with a seed")
                     pairs = [pairs[int(rng.integers(len(pairs)))]]
-            elif rng is not None:  # vqa_turns
+            elif rng is not None:  # vqa_turns, vqa_packed
                 pairs = [pairs[i] for i in rng.permutation(len(pairs))]
         turns = [(encode(self.prompt_template.format(prompt=p)), encode(a)) for p, a in pairs]
         try:
             seq = build_vlm_turns(self.image_tokens, turns, max_len=self.max_len, image_id=image_id,
                                   pad_id=tok.pad_id, bos_id=tok.bos_id if self.add_bos else None, eos_id=tok.eos_id,
-                                  system_ids=encode(self.system), truncate=self.on_long == "truncate")
+                                  system_ids=encode(self.system), truncate=self.on_long == "truncate",
+                                  packed=self.task == "vqa_packed")
         except VLMSequenceError as e:
             raise VLMSequenceError(f"example {example.get('id', '?')}: {e}") from None
         out = {k: v for k, v in example.items() if k not in ("questions", "answers", "caption", "text")}

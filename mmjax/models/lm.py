@@ -10,8 +10,8 @@ API (stable; mmjax/decode.py and the LM task build on it):
     model = LM(cfg)
     params = model.init(rng, ids)["params"]                 # ids: int [B, T] (boxed with logical names)
     logits, aux = model.apply({"params": params}, inputs, *, positions=None, kv_valid=None,
-                              prefix_len=None, cache=None, cache_index=None, train=False,
-                              return_blocks=False)
+                              prefix_len=None, segment_ids=None, cache=None, cache_index=None,
+                              train=False, return_blocks=False)
 
   inputs      int token ids [B, T] (checked against vocab_size when concrete) or float embeddings
               [B, T, D] (D = encoder.width), e.g. from `model.apply(v, ids, method=LM.embed)`.
@@ -20,6 +20,9 @@ API (stable; mmjax/decode.py and the LM task build on it):
   kv_valid    bool, False for padding keys: [B, T] without a cache, [B, S] (every cache slot) with one.
   prefix_len  int scalar or [B]: prefix-LM (keys < prefix_len visible to every query), counted in
               the same index space as the keys (cache slots with a cache).
+  segment_ids int [B, T], no cache: packed sequences; a token sees its own segment and segment 0,
+              the prefix all segments share (`make_attention_mask`). Give each segment its own
+              positions (e.g. restarting after the shared prefix).
   cache       from `init_cache(cfg, batch_size, max_len, dtype)` (zeros) or a previous call's
               aux["cache"]; cache_index: int32 scalar t, the slot of this chunk's first token.
               The chunk's k/v are written at slots [t, t+T) and its queries attend to slots ≤ own.
@@ -32,7 +35,7 @@ API (stable; mmjax/decode.py and the LM task build on it):
   is `mmjax.objectives.lm.lm_cross_entropy(logits, targets, weights, z_loss=...)`.
 
 Masks are built with the one helper `make_attention_mask`: causal (q_offset = cache_index with a
-cache), optionally prefix-LM, and padding keys from kv_valid.
+cache), optionally prefix-LM, padding keys from kv_valid, and segments.
 
 Generation with a cache, for a batch of prompts of different lengths: LEFT-pad them to T0 so
 every row writes at the same slot (as HF does), then
@@ -159,14 +162,18 @@ class LM(nn.Module):
             out = self.head(hidden)
         return constrain(out, ("act_batch", "act_len", "act_vocab"))
 
-    def __call__(self, inputs, *, positions=None, kv_valid=None, prefix_len=None, cache=None, cache_index=None,
-                 train: bool = False, return_blocks: bool = False):
+    def __call__(self, inputs, *, positions=None, kv_valid=None, prefix_len=None, segment_ids=None, cache=None,
+                 cache_index=None, train: bool = False, return_blocks: bool = False):
         e = self.cfg.encoder
         x = self._input_embeddings(inputs)
         b, t, _ = x.shape
         if (cache is None) != (cache_index is None):
             raise ValueError("pass cache and cache_index together (cache_index: the slot of this chunk's first "
                              "token), or neither")
+        if segment_ids is not None and (cache is not None or jnp.shape(segment_ids) != (b, t)):
+            raise ValueError(f"segment_ids must be [B, T] = {(b, t)} and come without a KV cache (packed "
+                             f"training sequences), got shape {jnp.shape(segment_ids)}"
+                             f"{' with a cache' if cache is not None else ''}")
         offset = 0 if cache is None else cache_index
         if cache is not None:
             kv_len = _cache_len(cache, e.scan_layers)
@@ -187,7 +194,8 @@ class LM(nn.Module):
                 raise ValueError(f"kv_valid must be [B, {'S' if cache is not None else 'T'}] = {(b, kv_len)} "
                                  f"({where}), got {kv_valid.shape}")
             kv_valid = kv_valid.astype(bool)
-        mask = AttentionMask(causal=True, prefix_len=prefix_len, kv_valid=kv_valid, q_offset=offset)
+        mask = AttentionMask(causal=True, prefix_len=prefix_len, kv_valid=kv_valid, q_offset=offset,
+                             segment_ids=None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
         hidden, aux = self.encoder(x, mask=mask, positions=positions, deterministic=not train,
                                    return_blocks=return_blocks, cache=cache, cache_index=cache_index)
         aux["hidden"] = hidden

@@ -299,11 +299,12 @@ class VLM(nn.Module):
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         return x, {"image_features": feats, "vision_features": vision_feats, "image_mask": is_image}
 
-    def __call__(self, images, ids, *, prefix_len=None, positions=None, kv_valid=None, cache=None,
-                 cache_index=None, train: bool = False, return_blocks: bool = False):
+    def __call__(self, images, ids, *, prefix_len=None, positions=None, kv_valid=None, segment_ids=None,
+                 cache=None, cache_index=None, train: bool = False, return_blocks: bool = False):
         """images [B, H, W, C] or [B, K, H, W, C]; ids int [B, T] with K·N image placeholders per row;
         prefix_len int or [B] (attention="prefix" only, and then required except in `init`: image +
-        prompt tokens); positions, kv_valid, cache, cache_index as `LM` → (logits [B, T, V], aux)."""
+        prompt tokens); positions, kv_valid, segment_ids (packed turns after a shared image prefix),
+        cache, cache_index as `LM` → (logits [B, T, V], aux)."""
         c = self.cfg
         if c.attention == "prefix" and prefix_len is None:
             if not self.is_initializing():  # init only makes params; a forward without a prefix would leak
@@ -313,8 +314,9 @@ class VLM(nn.Module):
         if c.attention == "causal" and prefix_len is not None:
             raise ValueError("this VLM is causal (attention='causal', LLaVA); prefix_len is for attention='prefix'")
         x, aux = self.embed(images, ids, train=train)
-        logits, lm_aux = self.lm(x, positions=positions, kv_valid=kv_valid, prefix_len=prefix_len, cache=cache,
-                                 cache_index=cache_index, train=train, return_blocks=return_blocks)
+        logits, lm_aux = self.lm(x, positions=positions, kv_valid=kv_valid, prefix_len=prefix_len,
+                                 segment_ids=segment_ids, cache=cache, cache_index=cache_index, train=train,
+                                 return_blocks=return_blocks)
         aux.update(lm_aux)
         return logits, aux
 

@@ -1,4 +1,5 @@
-"""One helper for every attention mask: full, causal, prefix-LM and padding, in any combination.
+"""One helper for every attention mask: full, causal, prefix-LM, padding and segments (packed
+sequences with a shared prefix), in any combination.
 
 Masks are boolean, True = may attend. `make_attention_mask` builds the array [B or 1, 1, Q, K];
 `AttentionMask` is the same mask described by its parts, so that an attention implementation can
@@ -21,6 +22,7 @@ def make_attention_mask(
     prefix_len: jax.Array | int | None = None,
     kv_valid: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean attention mask [B or 1, 1, q_len, kv_len].
 
@@ -33,6 +35,9 @@ def make_attention_mask(
       kv_valid: [B, K] bool, False for padding keys (padding queries still attend somewhere valid,
         so their rows stay finite; their outputs are ignored by the loss).
       q_offset: scalar or [B]: absolute position of query 0.
+      segment_ids: [B, T] int (queries and keys are the same T tokens): a query sees keys of its own
+        segment and of segment 0, the prefix every segment shares (e.g. an image and the questions
+        packed after it, each seeing the image and itself; plain packing numbers segments from 1).
     """
     kv_len = q_len if kv_len is None else kv_len
     q_pos = jnp.arange(q_len)[None, :, None] + jnp.reshape(jnp.asarray(q_offset), (-1, 1, 1))
@@ -49,6 +54,12 @@ def make_attention_mask(
         if kv_valid.shape[-1] != kv_len:
             raise ValueError(f"kv_valid has length {kv_valid.shape[-1]}, expected {kv_len}")
         mask = mask & kv_valid[:, None, :].astype(bool)
+    if segment_ids is not None:
+        if segment_ids.ndim != 2 or segment_ids.shape[-1] != q_len or q_len != kv_len:
+            raise ValueError(f"segment_ids must be [B, T] for T queries and T keys, got {segment_ids.shape} "
+                             f"with {q_len} queries and {kv_len} keys (no KV cache with segments)")
+        seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+        mask = mask & ((seg_k == seg_q) | (seg_k == 0))
     return mask[:, None, :, :]
 
 
@@ -61,21 +72,22 @@ class AttentionMask:
     prefix_len: jax.Array | int | None = None
     kv_valid: jax.Array | None = None
     q_offset: jax.Array | int = 0
+    segment_ids: jax.Array | None = None
 
     def array(self, q_len: int, kv_len: int | None = None) -> jax.Array:
         """The boolean mask [B or 1, 1, q_len, kv_len]."""
         return make_attention_mask(q_len, kv_len, causal=self.causal, prefix_len=self.prefix_len,
-                                   kv_valid=self.kv_valid, q_offset=self.q_offset)
+                                   kv_valid=self.kv_valid, q_offset=self.q_offset, segment_ids=self.segment_ids)
 
     @property
     def is_plain_causal(self) -> bool:
         """Causal from position 0 with nothing else: every kernel's built-in causal mask."""
-        return (self.causal and self.prefix_len is None and self.kv_valid is None
+        return (self.causal and self.prefix_len is None and self.kv_valid is None and self.segment_ids is None
                 and isinstance(self.q_offset, int) and self.q_offset == 0)
 
     @property
     def is_full(self) -> bool:
-        return not self.causal and self.prefix_len is None and self.kv_valid is None
+        return not self.causal and self.prefix_len is None and self.kv_valid is None and self.segment_ids is None
 
 
 def mask_array(mask: jax.Array | AttentionMask | None, q_len: int, kv_len: int) -> jax.Array | None:

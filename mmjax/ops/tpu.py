@@ -34,6 +34,8 @@ def unsupported(q: jax.Array, k: jax.Array, mask) -> str | None:
     offset_zero = mask is None or (isinstance(mask.q_offset, int) and mask.q_offset == 0)
     if mask is not None and (mask.prefix_len is not None or not offset_zero):
         return "a prefix-LM mask or a query offset"
+    if mask is not None and mask.segment_ids is not None:
+        return "segments with a shared prefix (segment 0 seen by all)"
     if mask is not None and mask.causal and q.shape[1] != k.shape[1]:
         return "a causal mask between sequences of different lengths"
     return None

@@ -52,7 +52,9 @@ class VLMLossConfig:
 
     sequence: "vqa" (one question per example, drawn per step), "vqa_turns" (every question of the
       example as turns of one sequence, in an order drawn per step; evaluated one question per
-      prompt, as "vqa") or "caption" (prompt `caption_prompt`, answer the caption).
+      prompt, as "vqa"), "vqa_packed" (the same turns, each seeing only the image and itself at a
+      single question's positions: per turn exactly the "vqa" sequence, for one image's cost; causal
+      attention only) or "caption" (prompt `caption_prompt`, answer the caption).
     max_len: T, the padded sequence length (image block included).
     eval_max_len: T of the evaluation sequences (None: max_len); vqa_turns trains on long sequences
       but is scored one question per prompt, which needs far fewer positions.
@@ -69,7 +71,7 @@ class VLMLossConfig:
       makes it the LM task's tokenizer, so an LM run's embeddings fit (init_from).
     """
 
-    sequence: Literal["vqa", "vqa_turns", "caption"] = "vqa"
+    sequence: Literal["vqa", "vqa_turns", "vqa_packed", "caption"] = "vqa"
     max_len: int = 48
     eval_max_len: int | None = None
     caption_rate: float = 0.0
@@ -103,6 +105,9 @@ class VLMTask(NextTokenTask):
             raise ValueError(f"multi-crop crops are data.image_size={d.image_size} px but the tower takes "
                              f"{m.vision.image_size} px; set data.image_size to the tower's size (the tiles "
                              "carry the higher resolution)")
+        if loss.sequence == "vqa_packed" and m.attention != "causal":
+            raise ValueError("loss.sequence='vqa_packed' needs model.attention='causal': a prefix-LM would let the "
+                             "image attend to every packed question")
         if loss.max_answer_tokens < 1 or loss.z_loss < 0:
             raise ValueError("loss.max_answer_tokens must be >= 1 and loss.z_loss >= 0")
         if loss.max_len - 1 + loss.max_answer_tokens > m.lm.max_len:
@@ -138,7 +143,7 @@ class VLMTask(NextTokenTask):
         # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
         self.eval_transform = dataclasses.replace(
             self.transform, max_len=loss.eval_max_len or loss.max_len, caption_rate=0.0,
-            task="vqa" if loss.sequence == "vqa_turns" else loss.sequence)
+            task="vqa" if loss.sequence in ("vqa_turns", "vqa_packed") else loss.sequence)
         self.image_key = "crops" if m.multicrop_grid else "image"
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
         if loss.caption_rate:
@@ -169,6 +174,9 @@ class VLMTask(NextTokenTask):
                "loss_weights": jax.ShapeDtypeStruct((batch_size, t), jnp.float32)}
         if m.attention == "prefix":
             out["prefix_len"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        if self.cfg.loss.sequence == "vqa_packed":
+            out["segment_ids"] = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
+            out["positions"] = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
         return out
 
     def check_batch(self, batch, step):
@@ -201,9 +209,12 @@ class VLMTask(NextTokenTask):
         # Placeholder targets weigh 0, but their id may lie outside the vocabulary: make it a text id.
         targets = jnp.where(targets == self.cfg.model.image_token_id, 0, targets)
         prefix = batch["prefix_len"] if self.cfg.model.attention == "prefix" else None
+        # Packed turns (training only; evaluation batches are single questions): the inputs' segments
+        # and positions, cut like the ids.
+        packed = {k: batch[k][:, :-1] for k in ("segment_ids", "positions") if k in batch}
         rngs = {"dropout": rng} if rng is not None else {}
         logits, _ = self.model.apply({"params": params}, batch[self.image_key], inputs, prefix_len=prefix,
-                                     train=train, rngs=rngs)
+                                     train=train, rngs=rngs, **packed)
         return lm_cross_entropy(logits, targets, target_w, z_loss=self.cfg.loss.z_loss)
 
     def train_flops_per_example(self):
