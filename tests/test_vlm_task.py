@@ -202,26 +202,6 @@ def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_d
         VLMTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="prefix")))
 
 
-def test_image_position_embedding_adds_row_plus_column_to_each_patch_feature():
-    from mmjax.models.vlm import VLM
-    cfg = dataclasses.replace(_model(), image_position_embedding=True)
-    model = VLM(cfg)
-    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
-    ids = np.zeros((2, 8), np.int32)
-    ids[:, 1:5] = IMAGE_ID
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), images, jnp.asarray(ids))["params"])
-    rows, cols = np.asarray(params["image_row_embedding"]), np.asarray(params["image_col_embedding"])
-    assert rows.shape == cols.shape == (2, 32)                                 # a 2×2 grid, LM width 32
-    with_pe, _ = model.apply({"params": params}, images, method=VLM.encode_images)
-    zero = dict(params, image_row_embedding=0 * rows, image_col_embedding=0 * cols)
-    without, _ = model.apply({"params": zero}, images, method=VLM.encode_images)
-    expected = np.stack([rows[r] + cols[c] for r in range(2) for c in range(2)])   # row-major patches
-    np.testing.assert_allclose(with_pe - without, np.broadcast_to(expected, with_pe.shape), atol=1e-6)
-    with pytest.raises(ValueError, match="image_position_embedding needs one feature per patch"):
-        VLM(dataclasses.replace(cfg, vision_feature_select_strategy="full")).init(
-            jax.random.PRNGKey(1), images, jnp.asarray(np.where(ids == IMAGE_ID, IMAGE_ID, 0)))
-
-
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_sharded_step_equals_one_device(shapes_dir, batch):
     def go(mesh_shape, devices):

@@ -259,7 +259,6 @@ class HFLlava(Family):
             (c.vision_feature_layers is None, "vision_feature_layers=None (LLaVA picks hidden_states layers)"),
             (c.projector_activation not in ACTIVATIONS_TO_HF, f"projector_activation={c.projector_activation!r}"),
             (c.lm.embed_scale != 1.0, f"lm.embed_scale={c.lm.embed_scale} (Llama does not scale embeddings)"),
-            (c.image_position_embedding, "image_position_embedding=True (LLaVA adds none)"),
         ) if bad]
         if problems:
             raise ConversionError("this VLM cannot be written as an HF LlavaForConditionalGeneration: "

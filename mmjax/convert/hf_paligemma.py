@@ -141,7 +141,6 @@ class HFPaliGemma(Family):
             (e.activation != "geglu", f"lm activation={e.activation!r} (Gemma: geglu)"),
             (not math.isclose(c.lm.embed_scale, math.sqrt(e.width), rel_tol=1e-6),
              f"lm.embed_scale={c.lm.embed_scale} (Gemma: √{e.width})"),
-            (c.image_position_embedding, "image_position_embedding=True (PaliGemma adds none)"),
         ) if bad]
         if problems:
             raise ConversionError("this VLM cannot be written as an HF PaliGemmaForConditionalGeneration: "

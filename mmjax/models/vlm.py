@@ -82,10 +82,6 @@ class VLMConfig:
     multicrop_grid: 0 = off (one feature per patch, K images per row); g > 0 = each row is one image's
       1 + g² crops, pooled 2×2 and laid out as `multicrop_layout` (module docstring).
     multicrop_pool_heads: heads of the 2×2 attention pooling (they divide Dv·L).
-    image_position_embedding: add a learned row + column embedding (h + w vectors of width D) to each
-      projected patch feature of the h×w grid, in LM space; not in LLaVA or PaliGemma (their
-      converters refuse it). The tower's own position code reaches the LM only mixed into the
-      features; "what shape is at the top left?" needs the LM to address image tokens by place.
     """
 
     vision: ViTConfig = ViTConfig(
@@ -102,7 +98,6 @@ class VLMConfig:
     attention: Literal["causal", "prefix"] = "causal"
     multicrop_grid: int = 0
     multicrop_pool_heads: int = 1
-    image_position_embedding: bool = False
 
 
 def check_vlm_config(cfg: VLMConfig) -> None:
@@ -135,10 +130,6 @@ def check_vlm_config(cfg: VLMConfig) -> None:
     get_activation(cfg.projector_activation)
     if cfg.multicrop_grid < 0:
         raise ValueError(f"multicrop_grid must be >= 0 (0 = off), got {cfg.multicrop_grid}")
-    if cfg.image_position_embedding and (cfg.multicrop_grid or image_tokens_per_image(cfg) != (
-            v.image_size // v.patch_size) ** 2):
-        raise ValueError("image_position_embedding needs one feature per patch of the grid: no multi-crop and "
-                         "no kept CLS token (vision_feature_select_strategy='default' or a tower without CLS)")
     if cfg.multicrop_grid:
         grid = v.image_size // v.patch_size
         if grid % 2:
@@ -252,12 +243,6 @@ class VLM(nn.Module):
         self.vision = ViT(self.cfg.vision)
         self.projector = Projector(self.cfg)
         self.lm = LM(self.cfg.lm)
-        if self.cfg.image_position_embedding:
-            side = self.cfg.vision.image_size // self.cfg.vision.patch_size
-            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
-            shape, pdt = (side, self.cfg.lm.encoder.width), to_dtype(self.cfg.lm.encoder.param_dtype)
-            self.image_row_embedding = self.param("image_row_embedding", init, shape, pdt)
-            self.image_col_embedding = self.param("image_col_embedding", init, shape, pdt)
         if self.cfg.multicrop_grid:
             e = self.cfg.vision.encoder
             self.multicrop_pool = AttentionPool2x2(num_heads=self.cfg.multicrop_pool_heads, dtype=to_dtype(e.dtype),
@@ -295,11 +280,6 @@ class VLM(nn.Module):
             f = f.reshape(b, k * n, f.shape[-1])
         f = constrain(f, ("act_batch", "act_len", None))
         out = self.projector(f).astype(to_dtype(c.lm.encoder.dtype))
-        if c.image_position_embedding:  # [h, D] rows + [w, D] columns, broadcast over the grid
-            side = c.vision.image_size // c.vision.patch_size
-            rows, cols = self.image_row_embedding, self.image_col_embedding
-            grid = (rows[:, None] + cols[None, :]).reshape(side * side, -1).astype(out.dtype)
-            out = (out.reshape(b, k, side * side, -1) + grid).reshape(out.shape)
         return constrain(out, ("act_batch", "act_len", "act_embed")), f
 
     def embed(self, images, ids, *, train: bool = False):
