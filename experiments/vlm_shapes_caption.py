@@ -4,7 +4,7 @@ size and position per labelled object, on test and test_novel).
 
     mmjax train --config experiments/vlm_shapes_caption.py --workdir runs/vlm_shapes_caption
 
-The model is vlm_shapes.py's (from scratch; init_from as there).
+The model, the tower and LM it starts from and the optimizer are vlm_shapes.py's.
 """
 
 import dataclasses
@@ -19,5 +19,5 @@ def get_config():
     # bos + 16 image tokens + prompt + caption (≤ 39 tokens) + eos
     return dataclasses.replace(
         cfg, name="vlm_shapes_caption",
-        loss=dataclasses.replace(cfg.loss, sequence="caption", max_len=64, max_answer_tokens=44),
+        loss=dataclasses.replace(cfg.loss, sequence="caption", max_len=64, eval_max_len=None, max_answer_tokens=44),
         train=dataclasses.replace(cfg.train, eval_batch_size=250))
