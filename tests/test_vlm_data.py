@@ -172,10 +172,10 @@ def test_shapes_turns_and_caption_sequences():
     p, length = int(cap["prefix_len"]), int(cap["length"])
     assert tok.decode(cap["ids"][:p]) == "describe the image.\n"
     assert tok.decode(cap["ids"][p:length]) == ex["caption"] and cap["loss_weights"].sum() == len(ex["caption"]) + 1
-    # TFDS gives text as bytes: the same sequence.
-    as_bytes = {**ex, "caption": ex["caption"].encode()}
-    np.testing.assert_array_equal(vlm.ShapesToVLM(task="caption", image_tokens=2, max_len=300).map(as_bytes)["ids"],
-                                  cap["ids"])
+    # TFDS gives text as bytes, the pipeline's decode step as a 0-d bytes array: the same sequence.
+    for caption in (ex["caption"].encode(), np.array(ex["caption"].encode())):
+        ids = vlm.ShapesToVLM(task="caption", image_tokens=2, max_len=300).map({**ex, "caption": caption})["ids"]
+        np.testing.assert_array_equal(ids, cap["ids"])
     with pytest.raises(vlm.VLMSequenceError, match="example 0: .*cut the image block"):
         vlm.ShapesToVLM(task="caption", image_tokens=40, max_len=30).map(ex)
     with pytest.raises(vlm.VLMSequenceError, match="truncation is off"):

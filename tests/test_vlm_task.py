@@ -186,15 +186,18 @@ def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_d
     assert packed["segment_ids"].max() == len(ex["questions"]) + 1            # turns 1..6, then padding
     logits, _ = task.model.apply({"params": params}, image, packed["ids"][None],
                                  positions=packed["positions"][None], segment_ids=packed["segment_ids"][None])
+    # Every question alone, in one batch (causal: the padding after a question changes nothing before it).
+    singles = [dataclasses.replace(task.transform, task="vqa", question_index=i).map(ex)
+               for i in range(len(ex["questions"]))]
+    ref, _ = task.model.apply({"params": params}, np.repeat(image, len(singles), axis=0),
+                              np.stack([x["ids"] for x in singles]))
     supervised = 0
-    for i in range(len(ex["questions"])):
-        single = dataclasses.replace(task.transform, task="vqa", question_index=i).map(ex)
+    for i, single in enumerate(singles):
         n = int(single["length"])
-        ref, _ = task.model.apply({"params": params}, image, single["ids"][None, :n])
         turn = np.flatnonzero(packed["segment_ids"] == i + 1)
         start = n - turn.size                                    # alone, the turn follows the image block
         np.testing.assert_array_equal(packed["ids"][turn], single["ids"][start:n])
-        np.testing.assert_allclose(logits[0, turn], ref[0, start:n], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(logits[0, turn], ref[i, start:n], atol=2e-5, rtol=1e-5)
         np.testing.assert_array_equal(packed["loss_weights"][turn], single["loss_weights"][start:n])
         supervised += single["loss_weights"].sum()
     assert packed["loss_weights"].sum() == supervised

@@ -225,6 +225,9 @@ def vlm_tokenizer(spec: str, special_tokens: tuple[str, ...] = (IMAGE_TOKEN,)):
 
 
 def _text(value: Any) -> str:
+    """str, UTF-8 bytes, or a 0-d bytes array (how the pipeline's decode step keeps a text field) → str."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
     if isinstance(value, (bytes, np.bytes_)):
         return bytes(value).decode("utf-8")
     return str(value)
