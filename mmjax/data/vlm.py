@@ -253,8 +253,8 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
       "caption"    prompt `caption_prompt`, answer the caption.
     `caption_rate` p (vqa_turns / vqa_packed under random_map only): each example is instead, with
     probability p, the caption turn (CapPa's argument, Tschannen et al. 2023: a whole caption
-    supervises every object's attributes in their places; on shapes, p = 0.3 lowered VQA accuracy,
-    docs/vlm.md).
+    supervises every object's attributes in their places; its one trial on shapes read the captions
+    wrongly, docs/vlm.md).
     Each prompt is `prompt_template.format(prompt=question or caption_prompt)`: the template's
     separator ("\\n") stands between the question and the answer.
 
