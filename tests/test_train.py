@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,6 +52,14 @@ def test_workdir_with_other_config_is_refused(digits_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(to_dict(_cfg(digits_dir, "train.steps=5"))))
     with pytest.raises(ConfigError, match=r"optim.peak_lr: 0.002 \(saved\) → 0.1 \(new\)"):
         train(_cfg(digits_dir, "train.steps=5", "optim.peak_lr=0.1"), tmp_path)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_batch_sizes_the_mesh_cannot_split_are_config_errors_before_the_workdir(digits_dir, tmp_path):
+    for key in ("batch_size", "eval_batch_size"):
+        with pytest.raises(ConfigError, match=rf"train.{key}=36 is not divisible by the data×fsdp mesh size 8"):
+            train(_cfg(digits_dir, "train.steps=5", f"train.{key}=36"), tmp_path / key)
+        assert not (tmp_path / key).exists()
 
 
 def test_warmup_longer_than_the_run_is_a_cli_error_before_the_workdir_is_written(tmp_path, capsys):

@@ -124,9 +124,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         raise ConfigError(f"mesh.shape={tuple(cfg.mesh.shape)} does not fit this machine: {e} "
                           "(an entry of -1 takes the remaining devices, e.g. (-1,1,1))") from None
     n_proc = jax.process_count()
-    if t.batch_size % (n_proc * mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the data×fsdp mesh size "
-                          f"{mesh.shape['data'] * mesh.shape['fsdp']} and {n_proc} processes")
+    for key, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size)):
+        if size % (n_proc * mesh.shape["data"] * mesh.shape["fsdp"]):
+            raise ConfigError(f"train.{key}={size} is not divisible by the data×fsdp mesh size "
+                              f"{mesh.shape['data'] * mesh.shape['fsdp']} and {n_proc} processes")
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
