@@ -294,7 +294,8 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
     """The jitted generation loop for one set of static shapes and sampler structure.
 
     f(params, inputs [R, T0] ids or [R, T0, D] embeddings (right-padded), lengths [R], key,
-      temperature, top_p, cfg_scale, allowed [V] bool, eos_id (−1: none), pad_id, prefix [R] int32)
+      temperature, top_p, cfg_scale, allowed [V] bool, eos_id (−1: none), pad_id, prefix [R] int32,
+      positions [R, T0 + N] or [R, T0 + N, 2] int32 in the prompts' right-padded layout)
       → (tokens [B, N], n_generated [B]); R = 2B when guided. With prefix_lm, the prefill lets every
       prompt token see the first prefix[r] prompt tokens of its row (a prefix-LM mask); the steps
       after it are causal anyway (their queries come after the prefix).
@@ -330,7 +331,7 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         with nn.intercept_methods(_weight_major_interceptor(model, params)):
             return loop(params, *args)
 
-    def loop(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id, prefix):
+    def loop(params, inputs, lengths, key, temperature, top_p, cfg_scale, allowed, eos_id, pad_id, prefix, pos_in):
         # Left-align every row: slot j of row r holds prompt token j − pad_r (pads first).
         pad = t0 - lengths                                                    # [R]
         src = jnp.arange(t0)[None, :] - pad[:, None]                          # [R, T0]
@@ -342,7 +343,11 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         else:
             x = jnp.where(in_prompt, jnp.take_along_axis(inputs, src, axis=1), pad_id)
         kv_valid = jnp.arange(s)[None, :] >= pad[:, None]                     # [R, S]: pads never attended
-        positions = jnp.maximum(jnp.cumsum(in_prompt, axis=1) - 1, 0).astype(jnp.int32)
+
+        def at(idx):  # slot indices [R, K] of the right-padded layout → positions [R, K] or [R, K, 2]
+            return jnp.take_along_axis(pos_in, idx if pos_in.ndim == 2 else idx[:, :, None], axis=1)
+
+        positions = jnp.where(in_prompt if pos_in.ndim == 2 else in_prompt[:, :, None], at(src), 0)
 
         variables = {"params": params}
 
@@ -365,7 +370,7 @@ def _compiled_generate(model: nn.Module, *, rows: int, prompt_len: int, max_new:
         def body_fn(state):
             i, cache, tok, done, out, n_gen = state
             feed = jnp.concatenate([tok, tok]) if guided else tok                               # [R]
-            pos = (lengths + i - 1).astype(jnp.int32)[:, None]                                  # [R, 1]
+            pos = at((lengths + i - 1).astype(jnp.int32)[:, None])                              # [R, 1(, 2)]
             logits, cache = last_logits(variables, feed[:, None], positions=pos, kv_valid=kv_valid, cache=cache,
                                         cache_index=t0 + i - 1)
             new = pick(jax.random.fold_in(key, i), logits, temperature, top_p, cfg_scale, allowed)
@@ -444,6 +449,30 @@ def _as_prompt_arrays(prompts, lengths, tokenizer, what: str):
     return arr, lengths.astype(np.int32), embeds
 
 
+def _as_positions(positions, lens: np.ndarray, t: int, n: int, cfg, what: str) -> np.ndarray:
+    """positions (None, or ints [B or 1, ≥ max(lens) + N] / [.., .., 2]) → int32 [B, T + N(, 2)],
+    checked: every row's used slots (its prompt and its N generated tokens) lie in [0, max_len)."""
+    b = lens.shape[0]
+    if positions is None:
+        return np.broadcast_to(np.arange(t + n, dtype=np.int32), (b, t + n)).copy()
+    p = np.asarray(positions)
+    two_d = bool(getattr(cfg, "rope_2d", False))
+    if not np.issubdtype(p.dtype, np.integer):
+        raise TypeError(f"{what} must be integers, got {p.dtype}")
+    if p.ndim not in (2, 3) or (p.ndim == 3 and (p.shape[2] != 2 or not two_d)):
+        raise ValueError(f"{what} must be [B, T + N]" + (" or [B, T + N, 2]" if two_d else "")
+                         + f", got shape {p.shape}")
+    if p.shape[0] not in (b, 1) or p.shape[1] < int(lens.max()) + n:
+        raise ValueError(f"{what} must have B={b} rows (or one) and at least max(lengths) + max_new_tokens = "
+                         f"{int(lens.max()) + n} columns (the prompt, then the generated tokens), got {p.shape}")
+    p = np.broadcast_to(p, (b,) + p.shape[1:])
+    used = p[np.arange(p.shape[1])[None, :] < (lens + n)[:, None]]
+    if used.min() < 0 or used.max() >= cfg.max_len:
+        raise ValueError(f"{what} must lie in [0, max_len={cfg.max_len}) on every prompt and generated slot, "
+                         f"got values from {int(used.min())} to {int(used.max())}")
+    return _pad_to(p[:, :t + n].astype(np.int32), t + n)
+
+
 def _pad_to(arr, t: int):
     """Right-pads axis 1 of a prompt array to t (zeros: beyond `lengths`, never read)."""
     if arr.shape[1] == t:
@@ -458,7 +487,7 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
              disallowed_ids: Sequence[int] | None = None, cfg_scale: float | None = None, null_prompts=None,
              lengths=None, null_lengths=None, cache_len: int | None = None, cache_dtype: str | None = None,
              tokenizer: Tokenizer | None = None, mesh: Mesh | None = None, rules=None,
-             prefix_len=None) -> Generation:
+             prefix_len=None, positions=None, null_positions=None) -> Generation:
     """Generates up to `max_new_tokens` per prompt with a KV cache, the whole loop on device.
 
     Args:
@@ -485,6 +514,11 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
       prefix_len: prefix-LM prompts (PaliGemma): an int or ints [B], 1 ≤ prefix_len ≤ the row's prompt
         length; during the prefill every prompt token attends to the row's first prefix_len prompt
         tokens (bidirectional prefix, causal after it). None: causal. Not with cfg_scale.
+      positions: the RoPE positions of the prompt and of the generated tokens, int [B, T + N] (or
+        [B, T + N, 2] for a `rope_2d` LM) in the right-padded prompts' layout: row b's prompt token j
+        is at positions[b, j], its generated token i at positions[b, lengths[b] + i] (T: the padded
+        prompt length, N = max_new_tokens). None: 0, 1, 2, ... along each row.
+      null_positions: the same for null_prompts (with cfg_scale; required when positions is given).
 
     Returns:
       `Generation(sequences, tokens [B, N], lengths [B])`, numpy; see its docstring.
@@ -497,7 +531,8 @@ def generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperat
                             top_k=top_k, top_p=top_p, rng=rng, eos_id=eos_id, pad_id=pad_id, token_range=token_range,
                             disallowed_ids=disallowed_ids, cfg_scale=cfg_scale, null_prompts=null_prompts,
                             lengths=lengths, null_lengths=null_lengths, cache_len=cache_len, cache_dtype=cache_dtype,
-                            tokenizer=tokenizer, mesh=mesh, rules=rules, prefix_len=prefix_len)()
+                            tokenizer=tokenizer, mesh=mesh, rules=rules, prefix_len=prefix_len,
+                            positions=positions, null_positions=null_positions)()
 
 
 def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -506,7 +541,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
                      disallowed_ids: Sequence[int] | None = None, cfg_scale: float | None = None,
                      null_prompts=None, lengths=None, null_lengths=None, cache_len: int | None = None,
                      cache_dtype: str | None = None, tokenizer: Tokenizer | None = None, mesh: Mesh | None = None,
-                     rules=None, prefix_len=None) -> GenerationPlan:
+                     rules=None, prefix_len=None, positions=None, null_positions=None) -> GenerationPlan:
     """`generate`'s checks and set-up without running: returns a `GenerationPlan` (same arguments)."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not all(hasattr(cfg, a) for a in ("vocab_size", "max_len", "encoder")):
@@ -528,6 +563,11 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
     arr, lens, embeds = _as_prompt_arrays(prompts, lengths, tokenizer, "prompts")
     b = arr.shape[0]
     guided = cfg_scale is not None
+    if guided and (positions is None) != (null_positions is None):
+        raise ValueError("with cfg_scale give positions and null_positions together (the null rows need theirs)")
+    if null_positions is not None and not guided:
+        raise ValueError("null_positions is only used with cfg_scale (classifier-free guidance)")
+    pos = _as_positions(positions, lens, arr.shape[1], max_new_tokens, cfg, "positions")
     if guided:
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(cfg_scale):
@@ -542,9 +582,13 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
             null_lens = np.repeat(null_lens, b)
         if null_arr.shape[0] != b:
             raise ValueError(f"null_prompts has {null_arr.shape[0]} rows; give one or B={b}")
+        null_pos = _as_positions(null_positions, null_lens, null_arr.shape[1], max_new_tokens, cfg, "null_positions")
+        if null_pos.ndim != pos.ndim:
+            raise ValueError(f"null_positions {null_pos.shape} and positions {pos.shape} must have the same rank")
         t = max(arr.shape[1], null_arr.shape[1])
         cat = jnp.concatenate if embeds else np.concatenate
         arr, lens = cat([_pad_to(arr, t), _pad_to(null_arr, t)]), np.concatenate([lens, null_lens])
+        pos = np.concatenate([_pad_to(pos, t + max_new_tokens), _pad_to(null_pos, t + max_new_tokens)])
     elif null_prompts is not None:
         raise ValueError("null_prompts is only used with cfg_scale (classifier-free guidance)")
 
@@ -564,6 +608,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
 
     t0 = int(lens.max())
     arr = arr[:, :t0]
+    pos = pos[:, :t0 + max_new_tokens]  # every row's prompt and generated slots (lengths + N ≤ T0 + N)
     if embeds:
         if arr.shape[2] != cfg.encoder.width:
             raise ValueError(f"prompt embeddings must be [B, T, D={cfg.encoder.width}], got {arr.shape}")
@@ -601,7 +646,7 @@ def prepare_generate(model: nn.Module, params, prompts, *, max_new_tokens: int, 
         allowed[np.asarray(disallowed_ids, np.int64)] = False
     runtime = (jnp.float32(temperature or 1.0), jnp.float32(1.0 if top_p is None else top_p),
                jnp.float32(0.0 if cfg_scale is None else cfg_scale), allowed,
-               jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), prefix)
+               jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), prefix, pos)
     return GenerationPlan(fn, (params, arr, lens, key, *runtime), b, embeds, mesh, rules)
 
 

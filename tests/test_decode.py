@@ -159,6 +159,34 @@ def test_embedding_prompts_equal_id_prompts(hf_and_ours, hf_greedy):
     np.testing.assert_array_equal(out.sequences[1], hf_greedy[1])  # embedding prompts: generated ids only
 
 
+def test_prompt_positions_with_a_gap_match_hf_with_position_ids(hf_and_ours):
+    """positions: each row's prompt placed with a gap (as a VLM's answer_position does), generated
+    tokens continuing from its last prompt position; golden: HF greedy, step by step, given the same
+    position_ids."""
+    hf, model, params = hf_and_ours
+    prompts, new, gap = [PROMPTS[0], PROMPTS[2]], 8, 5
+    t = max(len(p) for p in prompts)
+    positions = np.zeros((2, t + new), np.int32)
+    golden = []
+    for r, p in enumerate(prompts):
+        pos = [j if j < 2 else j + gap for j in range(len(p) + new)]          # 0, 1, then a jump of 5
+        positions[r, :len(pos)] = pos
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(new):
+                logits = hf(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos[:len(ids)]])).logits
+                ids.append(int(logits[0, -1].argmax()))
+        golden.append(ids[len(p):])
+    out = generate(model, params, prompts, max_new_tokens=new, pad_id=PAD, positions=positions)
+    np.testing.assert_array_equal(out.tokens, np.asarray(golden))
+    plain = generate(model, params, prompts, max_new_tokens=new, pad_id=PAD)
+    assert not np.array_equal(plain.tokens, out.tokens)  # the positions changed the answer
+    with pytest.raises(ValueError, match="at least max"):
+        generate(model, params, prompts, max_new_tokens=new, positions=positions[:, :-1])
+    with pytest.raises(ValueError, match=r"\[0, max_len=96\)"):
+        generate(model, params, prompts, max_new_tokens=new, positions=positions + 90)
+
+
 def test_mesh_2x2x2_gives_the_same_tokens_as_one_device(hf_and_ours, hf_greedy):
     _, model, params = hf_and_ours
     # Sampling (top-k + top-p) on the mesh draws the same tokens as on one device: the sharded forward
@@ -242,6 +270,7 @@ def test_sampling_respects_token_range_and_disallowed_ids(hf_and_ours, caplog):
     (dict(eos_id=VOCAB), ValueError, "eos_id"),
     (dict(cfg_scale=2.0), ValueError, "null_prompts"),
     (dict(null_prompts=[[1]]), ValueError, "cfg_scale"),
+    (dict(cfg_scale=2.0, null_prompts=[[1]], positions=np.zeros((4, 15), np.int32)), ValueError, "null_positions"),
     (dict(prompts=["hello"]), TypeError, "tokenizer"),
     (dict(prompts=np.zeros((2, 3, 5), np.float32)), ValueError, "D=32"),
 ])
