@@ -44,6 +44,25 @@ def test_turns_and_optional_bos_eos_by_hand():
     assert int(bare["prefix_len"]) == 3
 
 
+def test_answer_position_places_every_answer_at_one_position_by_hand():
+    # Packed: bos, 2 image tokens (positions 0-2), turn 1 prompt [30] → 7, answer from 8; turn 2's
+    # two prompt tokens → 6, 7, its answer from 8 too.
+    out = vlm.build_vlm_turns(2, [([30], [40, 41]), ([32, 33], [42])], max_len=14, packed=True, answer_position=8,
+                              **IDS)
+    np.testing.assert_array_equal(out["ids"], [1, 9, 9, 30, 40, 41, 2, 32, 33, 42, 2, 0, 0, 0])
+    np.testing.assert_array_equal(out["positions"][:11], [0, 1, 2, 7, 8, 9, 10, 6, 7, 8, 9])
+    # One turn: the same positions, and prompt_positions gives them from prefix_len alone (as asked).
+    one = vlm.build_vlm_sequence(2, [32, 33], [42], max_len=9, answer_position=8, **IDS)
+    np.testing.assert_array_equal(one["positions"][:7], [0, 1, 2, 6, 7, 8, 9])
+    np.testing.assert_array_equal(vlm.prompt_positions([one["prefix_len"]], 3, 8, 7)[0], one["positions"][:7])
+    np.testing.assert_array_equal(vlm.prompt_positions([5], 3, None, 4)[0], [0, 1, 2, 3])
+    with pytest.raises(vlm.VLMSequenceError, match=r"prompt of 2 tokens does not fit between the image block's "
+                                                   r"end \(position 3\) and answer_position=4 \(room for 1\)"):
+        vlm.build_vlm_sequence(2, [32, 33], [42], max_len=9, answer_position=4, **IDS)
+    with pytest.raises(ValueError, match="2 unpacked turns would overlap"):
+        vlm.build_vlm_turns(2, [([30], [40]), ([31], [41])], max_len=14, answer_position=8, **IDS)
+
+
 def test_an_explicit_image_block_is_kept_whole():
     block = [50, 9, 9, 51, 9, 9, 51, 52]  # start, 2 rows of 2 placeholders + row end, end
     out = vlm.build_vlm_sequence(block, [30], [40], max_len=12, **IDS)

@@ -171,13 +171,16 @@ def test_vqa_turns_trains_long_mixed_sequences_and_scores_single_questions(shape
     assert ev["ids"].shape == (8, MAX_LEN - 8) and "question_group" in ev
 
 
-def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_dir):
+@pytest.mark.parametrize("answer_position", [None, 90])
+def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_dir, answer_position):
     """vqa_packed: the logits of every turn of a packed sequence equal those of the same question
-    asked alone ("vqa" with question_index), and the loss weights cover every answer once."""
+    asked alone ("vqa" with question_index), and the loss weights cover every answer once; also with
+    every answer at answer_position (the questions take up to ~60 bytes after a 17-token image)."""
     from mmjax.data import shapes as shapes_data
     cfg = _config(shapes_dir, sequence="vqa_packed")
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=320), model=dataclasses.replace(
-        cfg.model, lm=dataclasses.replace(cfg.model.lm, max_len=400)))   # six questions in bytes
+    cfg = dataclasses.replace(  # six questions in bytes
+        cfg, loss=dataclasses.replace(cfg.loss, max_len=320, answer_position=answer_position),
+        model=dataclasses.replace(cfg.model, lm=dataclasses.replace(cfg.model.lm, max_len=400)))
     task = VLMTask(cfg)
     params = _init(task)
     ex = shapes_data.generate_example("test", 3)
@@ -190,7 +193,8 @@ def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_d
     singles = [dataclasses.replace(task.transform, task="vqa", question_index=i).map(ex)
                for i in range(len(ex["questions"]))]
     ref, _ = task.model.apply({"params": params}, np.repeat(image, len(singles), axis=0),
-                              np.stack([x["ids"] for x in singles]))
+                              np.stack([x["ids"] for x in singles]),
+                              positions=None if answer_position is None else np.stack([x["positions"] for x in singles]))
     supervised = 0
     for i, single in enumerate(singles):
         n = int(single["length"])
@@ -199,6 +203,9 @@ def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_d
         np.testing.assert_array_equal(packed["ids"][turn], single["ids"][start:n])
         np.testing.assert_allclose(logits[0, turn], ref[i, start:n], atol=2e-5, rtol=1e-5)
         np.testing.assert_array_equal(packed["loss_weights"][turn], single["loss_weights"][start:n])
+        if answer_position is not None:  # the turn's first answer token sits at answer_position
+            first = turn[np.flatnonzero(packed["loss_weights"][turn])[0]]
+            assert packed["positions"][first] == answer_position
         supervised += single["loss_weights"].sum()
     assert packed["loss_weights"].sum() == supervised
     with pytest.raises(ValueError, match="vqa_packed.*causal"):

@@ -12,6 +12,14 @@ shared-prefix rule), and every turn's positions restart where the image ends. Ea
 computed exactly as the single-turn sequence [bos] [system] image [prompt_k] [answer_k] [eos]
 would be, while the image block is encoded and attended once for all turns.
 
+`answer_position` A (one turn, or packed turns) moves each turn's positions so that its answer
+starts at position A whatever the prompt's length: the prompt takes A − |prompt| … A − 1, leaving
+a gap after the image block (positions are RoPE angles, not slots: the ids stay contiguous). Each
+image token then lies at one fixed distance from the answer, so "the patch k positions back" names
+the same place in every question; with contiguous positions that distance moves with the
+question's length, and a small LM learns to address image tokens by place far more slowly
+(docs/vlm.md).
+
 Loss weights sit on the *ids* (inputs), not on the targets: w_t = 1 iff ids_t is a token the model
 must produce, i.e. an answer token or the eos that ends an answer; 0 on bos, system, image, prompt
 and padding positions. The next-token shift then moves them onto the targets, exactly as the LM
@@ -115,7 +123,7 @@ def _check_text(ids: np.ndarray, image_id: int, what: str) -> None:
 def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                     max_len: int, image_id: int, pad_id: int, bos_id: int | None, eos_id: int | None,
                     system_ids: Sequence[int] = (), truncate: bool = True,
-                    packed: bool = False) -> dict[str, np.ndarray]:
+                    packed: bool = False, answer_position: int | None = None) -> dict[str, np.ndarray]:
     """One training sequence with several (prompt, answer) turns, each answer supervised:
 
         [bos] [system] image [prompt₁] [answer₁] [eos] [prompt₂] [answer₂] [eos] ... [pad]
@@ -132,13 +140,18 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
         token; otherwise, or with truncate=False, `VLMSequenceError`.
       packed: also return segment_ids and positions (module docstring): each turn sees only the
         prefix and itself.
+      answer_position: A, the position of every turn's first answer token (one turn, or packed):
+        the prompt sits just before it, leaving a gap after the image block, so each image token is
+        the same RoPE distance from the answer whatever the prompt's length (module docstring).
+        Also returns positions. A prompt that does not fit between the image block and A fails.
 
     Returns:
       ids int32 [T]; loss_weights float32 [T], aligned with ids (1 on answer tokens and the eos
       after each answer; see the module docstring for the shift onto targets); prefix_len int32 []
       (positions before the first answer token); length int32 [] (tokens before the padding);
       with packed, segment_ids int32 [T] (0 prefix, k + 1 turn k, padding a segment of its own) and
-      positions int32 [T] (prefix 0 … E − 1, each turn E, E + 1, …; E = the end of the image block).
+      positions int32 [T] (prefix 0 … E − 1, each turn E, E + 1, …; E = the end of the image block;
+      with answer_position A, turn k from A − |prompt_k|).
     """
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
         raise ValueError(f"max_len must be an int >= 2 (a token and the one it predicts), got {max_len!r}")
@@ -147,6 +160,8 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
     clashes = {name: i for name, i in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)) if i == image_id}
     if clashes:
         raise ValueError(f"the placeholder id {image_id} is also {', '.join(clashes)}: give the image its own token")
+    if answer_position is not None and len(turns) > 1 and not packed:
+        raise ValueError(f"answer_position places one answer; {len(turns)} unpacked turns would overlap (pack them)")
     image = image_block(image_tokens, image_id)
     system = _as_ids(system_ids, "the system text")
     _check_text(system, image_id, "system text")
@@ -165,6 +180,15 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
     weights = np.concatenate([np.full(p.size, w, np.float32) for p, w in parts])
     image_end = sum(p.size for p, _ in parts[:3])
     prefix_len = image_end + parts[3][0].size
+    # Where each turn's positions start: right after the image, or so its answer starts at A.
+    turn_start = [image_end] * len(turns)
+    if answer_position is not None:
+        longest = max(parts[3 + 2 * i][0].size for i in range(len(turns)))
+        if answer_position - longest < image_end:
+            raise VLMSequenceError(f"a prompt of {longest} tokens does not fit between the image block's end "
+                                   f"(position {image_end}) and answer_position={answer_position} "
+                                   f"(room for {answer_position - image_end}); raise answer_position")
+        turn_start = [answer_position - parts[3 + 2 * i][0].size for i in range(len(turns))]
     if ids.size > max_len:
         described = (f"the sample has {ids.size} tokens (image block ends at {image_end}, first answer token "
                      f"at {prefix_len}), more than max_len={max_len}")
@@ -192,21 +216,37 @@ def build_vlm_turns(image_tokens: int | Sequence[int], turns: Sequence[tuple[Seq
     if packed:
         out_seg = np.full((max_len,), len(turns) + 1, np.int32)   # padding: its own segment
         out_seg[:length] = segment_ids
+        out["segment_ids"] = out_seg
+    if packed or answer_position is not None:
         # Segment ids never decrease along the sequence: a segment starts at its first index.
         start = np.searchsorted(segment_ids, segment_ids, side="left")
+        base = np.asarray([0] + turn_start, np.int64)[segment_ids]
         positions = np.full((max_len,), image_end, np.int32)
-        positions[:length] = np.where(segment_ids == 0, np.arange(length), image_end + np.arange(length) - start)
-        out["segment_ids"], out["positions"] = out_seg, positions
+        positions[:length] = np.where(segment_ids == 0, np.arange(length), base + np.arange(length) - start)
+        out["positions"] = positions
     return out
+
+
+def prompt_positions(prefix_len, image_end: int, answer_position: int | None, width: int) -> np.ndarray:
+    """The positions `build_vlm_turns` gives a single-turn prompt and what follows it, for prompts
+    ids[b, :prefix_len[b]] whose image block ends at `image_end`: 0 … E − 1, then the prompt up to
+    A − 1 and the answer from A = answer_position (None: contiguous). int32 [B, width]."""
+    p = np.asarray(prefix_len, np.int64).reshape(-1, 1)
+    j = np.arange(width)[None, :]
+    if answer_position is None:
+        return np.broadcast_to(j, (p.shape[0], width)).astype(np.int32)
+    return np.where(j < image_end, j, answer_position - p + j).astype(np.int32)
 
 
 def build_vlm_sequence(image_tokens: int | Sequence[int], prompt_ids: Sequence[int], answer_ids: Sequence[int], *,
                        max_len: int, image_id: int, pad_id: int, bos_id: int | None, eos_id: int | None,
-                       system_ids: Sequence[int] = (), truncate: bool = True) -> dict[str, np.ndarray]:
+                       system_ids: Sequence[int] = (), truncate: bool = True,
+                       answer_position: int | None = None) -> dict[str, np.ndarray]:
     """One turn, [bos] [system] <image>×N [prompt] [answer] [eos] [pad]: `build_vlm_turns` with
     turns = [(prompt_ids, answer_ids)] (same arguments and outputs)."""
     return build_vlm_turns(image_tokens, [(prompt_ids, answer_ids)], max_len=max_len, image_id=image_id,
-                           pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, system_ids=system_ids, truncate=truncate)
+                           pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, system_ids=system_ids, truncate=truncate,
+                           answer_position=answer_position)
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +324,7 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
     add_bos: bool = True
     keep_text: bool = False
     caption_rate: float = 0.0
+    answer_position: int | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -294,6 +335,9 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
             raise ValueError(f"prompt_template {self.prompt_template!r} has no '{{prompt}}'")
         if self.question_index is not None and self.task != "vqa":
             raise ValueError(f"question_index is for task 'vqa', not {self.task!r}")
+        if self.answer_position is not None and self.task not in ("vqa", "vqa_packed", "caption"):
+            raise ValueError(f"answer_position places one answer per turn segment: tasks 'vqa', 'vqa_packed' and "
+                             f"'caption', not {self.task!r}")
         if not 0.0 <= self.caption_rate <= 1.0 or (self.caption_rate and self.task not in ("vqa_turns", "vqa_packed")):
             raise ValueError(f"caption_rate must lie in [0, 1] and is for tasks 'vqa_turns' and 'vqa_packed', got "
                              f"{self.caption_rate!r} with task {self.task!r}")
@@ -334,7 +378,7 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
             seq = build_vlm_turns(self.image_tokens, turns, max_len=self.max_len, image_id=image_id,
                                   pad_id=tok.pad_id, bos_id=tok.bos_id if self.add_bos else None, eos_id=tok.eos_id,
                                   system_ids=encode(self.system), truncate=self.on_long == "truncate",
-                                  packed=self.task == "vqa_packed")
+                                  packed=self.task == "vqa_packed", answer_position=self.answer_position)
         except VLMSequenceError as e:
             raise VLMSequenceError(f"example {example.get('id', '?')}: {e}") from None
         out = {k: v for k, v in example.items() if k not in ("questions", "answers", "caption", "text")}

@@ -63,6 +63,10 @@ class VLMLossConfig:
     prompt_template, caption_prompt, system: as `ShapesToVLM` (the template ends the prompt, so the
       answer starts after its separator).
     max_answer_tokens: greedy tokens generated per question at evaluation (eos included).
+    answer_position: A, the position of every answer's first token (sequences "vqa", "vqa_packed",
+      "caption"): the prompt is placed just before it, so each image token lies at one RoPE distance
+      from the answer whatever the prompt's length (`mmjax.data.vlm`); None: contiguous positions.
+      Needs A ≥ the image block's end + the longest prompt (a longer prompt fails loudly).
     eval_splits: splits evaluated besides data.eval_split (results prefixed "<split>/").
     eval_generate: generate and score answers (off: perplexity and token accuracy only).
     eval_seed: the seed of the question drawn per eval example.
@@ -80,6 +84,7 @@ class VLMLossConfig:
     system: str = ""
     z_loss: float = 0.0
     max_answer_tokens: int = 6
+    answer_position: int | None = None
     eval_splits: tuple[str, ...] = ()
     eval_generate: bool = True
     eval_seed: int = 0
@@ -114,6 +119,9 @@ class VLMTask(NextTokenTask):
             raise ValueError(f"model.lm.max_len={m.lm.max_len} is below loss.max_len - 1 + loss.max_answer_tokens = "
                              f"{loss.max_len - 1 + loss.max_answer_tokens} (the inputs, and a prompt plus its "
                              "generated answer); raise it (RoPE has no table: no param changes)")
+        if loss.answer_position is not None and loss.answer_position + loss.max_answer_tokens > m.lm.max_len:
+            raise ValueError(f"loss.answer_position={loss.answer_position} + max_answer_tokens={loss.max_answer_tokens} "
+                             f"exceeds model.lm.max_len={m.lm.max_len}: generated answers would run past it")
         self.model = VLM(m)
         specials = ("<image>",) + (MULTICROP_TOKENS if m.multicrop_grid else ())
         from mmjax.data.registry import resolve_tokenizer
@@ -138,6 +146,7 @@ class VLMTask(NextTokenTask):
         self.transform = ShapesToVLM(tokenizer=spec, image_tokens=image_tokens, max_len=loss.max_len,
                                      task=loss.sequence, system=loss.system, caption_prompt=loss.caption_prompt,
                                      prompt_template=loss.prompt_template, caption_rate=loss.caption_rate,
+                                     answer_position=loss.answer_position,
                                      extra_special_tokens=MULTICROP_TOKENS if m.multicrop_grid else ())
         # vqa_turns trains on every question of a scene at once; it is scored as it is used, one
         # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
@@ -145,6 +154,9 @@ class VLMTask(NextTokenTask):
             self.transform, max_len=loss.eval_max_len or loss.max_len, caption_rate=0.0,
             task="vqa" if loss.sequence in ("vqa_turns", "vqa_packed") else loss.sequence)
         self.image_key = "crops" if m.multicrop_grid else "image"
+        # Where the image block ends in every sequence: [bos] [system] image (the prompt follows).
+        block = image_tokens if isinstance(image_tokens, tuple) else (image_id,) * image_tokens
+        self.image_end = int(self.transform.add_bos) + len(tok.encode(loss.system)) + len(block)
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
         if loss.caption_rate:
             self.raw_fields += ("caption",)
@@ -176,6 +188,7 @@ class VLMTask(NextTokenTask):
             out["prefix_len"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
         if self.cfg.loss.sequence == "vqa_packed":
             out["segment_ids"] = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
+        if self.cfg.loss.sequence == "vqa_packed" or self.cfg.loss.answer_position is not None:
             out["positions"] = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
         return out
 
@@ -209,8 +222,7 @@ class VLMTask(NextTokenTask):
         # Placeholder targets weigh 0, but their id may lie outside the vocabulary: make it a text id.
         targets = jnp.where(targets == self.cfg.model.image_token_id, 0, targets)
         prefix = batch["prefix_len"] if self.cfg.model.attention == "prefix" else None
-        # Packed turns (training only; evaluation batches are single questions): the inputs' segments
-        # and positions, cut like the ids.
+        # Packed turns' segments, and positions (packed, or answer_position), cut like the ids.
         packed = {k: batch[k][:, :-1] for k in ("segment_ids", "positions") if k in batch}
         rngs = {"dropout": rng} if rng is not None else {}
         logits, _ = self.model.apply({"params": params}, batch[self.image_key], inputs, prefix_len=prefix,
@@ -229,14 +241,17 @@ class VLMTask(NextTokenTask):
     def answer(self, params, images, ids, prefix_len, *, max_new_tokens: int | None = None, mesh=None) -> list[str]:
         """Greedy answers: row b's prompt is ids[b, :prefix_len[b]] (image block + question);
         decoded text, special tokens dropped."""
+        from mmjax.data.vlm import prompt_positions
         from mmjax.models.vlm import generate
         tok = self.tokenizer
+        n = max_new_tokens or self.cfg.loss.max_answer_tokens
         image_id = self.cfg.model.image_token_id
         # Never bos, padding or the placeholder: none of them is ever a supervised target.
         never = tuple(sorted({i for i in (tok.bos_id, tok.pad_id, image_id)
                               if i is not None and i < self.vocab_needed} - {tok.eos_id}))
+        positions = prompt_positions(prefix_len, self.image_end, self.cfg.loss.answer_position, ids.shape[1] + n)
         out = generate(self.model, params, images, ids, lengths=np.asarray(prefix_len, np.int32),
-                       max_new_tokens=max_new_tokens or self.cfg.loss.max_answer_tokens, temperature=0.0,
+                       max_new_tokens=n, temperature=0.0, positions=positions,
                        eos_id=tok.eos_id, pad_id=tok.pad_id, token_range=(0, self.vocab_needed),
                        disallowed_ids=never, mesh=mesh)
         return [tok.decode(r) for r in out.sequences]
