@@ -194,7 +194,8 @@ def test_packed_turns_compute_each_turn_as_its_single_question_sequence(shapes_d
                for i in range(len(ex["questions"]))]
     ref, _ = task.model.apply({"params": params}, np.repeat(image, len(singles), axis=0),
                               np.stack([x["ids"] for x in singles]),
-                              positions=None if answer_position is None else np.stack([x["positions"] for x in singles]))
+                              positions=None if answer_position is None
+                              else np.stack([x["positions"] for x in singles]))
     supervised = 0
     for i, single in enumerate(singles):
         n = int(single["length"])

@@ -120,8 +120,9 @@ class VLMTask(NextTokenTask):
                              f"{loss.max_len - 1 + loss.max_answer_tokens} (the inputs, and a prompt plus its "
                              "generated answer); raise it (RoPE has no table: no param changes)")
         if loss.answer_position is not None and loss.answer_position + loss.max_answer_tokens > m.lm.max_len:
-            raise ValueError(f"loss.answer_position={loss.answer_position} + max_answer_tokens={loss.max_answer_tokens} "
-                             f"exceeds model.lm.max_len={m.lm.max_len}: generated answers would run past it")
+            raise ValueError(f"loss.answer_position={loss.answer_position} + "
+                             f"max_answer_tokens={loss.max_answer_tokens} exceeds model.lm.max_len={m.lm.max_len}: "
+                             "generated answers would run past it")
         self.model = VLM(m)
         specials = ("<image>",) + (MULTICROP_TOKENS if m.multicrop_grid else ())
         from mmjax.data.registry import resolve_tokenizer
