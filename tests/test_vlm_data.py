@@ -235,6 +235,11 @@ def test_vqa_accuracy_by_hand():
     assert out["accuracy/exists"] == 0.0 and out["accuracy/size"] == 1.0 and "accuracy/position" not in out
     with pytest.raises(ValueError, match="one of each"):
         vlm.vqa_accuracy(preds, refs[:2], types)
+    by_count = vlm.vqa_accuracy(preds, refs, types, num_objects=[1, 1, 3, 3, 3])  # right: 1 of 2, 2 of 3
+    assert by_count["accuracy/objects_1"] == 0.5 and by_count["accuracy/objects_3"] == pytest.approx(2 / 3)
+    assert by_count["examples/objects_3"] == 3 and "accuracy/objects_2" not in by_count
+    with pytest.raises(ValueError, match="one per question"):
+        vlm.vqa_accuracy(preds, refs, types, num_objects=[1, 2])
 
 
 def test_caption_parser_round_trips_the_test_split():

@@ -156,6 +156,7 @@ def test_run_reports_vqa_accuracy_by_group_and_test_novel(run):
         assert key in ev, sorted(ev)
     assert ev["vqa/examples"] == 12 and ev["test_novel/vqa/examples"] == 6
     assert any(k.startswith("vqa/accuracy/") for k in ev)
+    assert sum(ev[k] for k in ev if k.startswith("vqa/examples/objects_")) == 12  # every question, by object count
     assert np.isfinite(results["train"]["loss"])
 
 
@@ -280,3 +281,17 @@ def test_multicrop_runs_end_to_end_above_the_tower_size(shapes_dir):
     assert np.isfinite(float(loss))
     answers = task.answer(params, b["crops"][:2], b["ids"][:2], b["prefix_len"][:2], max_new_tokens=2)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_binding_diagnostics_run_on_a_trained_vlm(run, capsys):
+    from mmjax.evals import binding
+    workdir, _ = run
+    assert binding.main(["--workdir", str(workdir), "--scenes", "3", "--attention_scenes", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "shape_at" in printed and "TV distance" in printed
+    cfg, _, params = load_run(workdir)
+    tv = binding.attention_dependence(VLMTask(cfg), params, scenes=8)
+    assert tv.shape == (cfg.model.lm.encoder.depth, cfg.model.lm.encoder.num_heads)
+    assert np.all((tv >= 0) & (tv <= 1 + 1e-6))
+    with pytest.raises(ValueError, match="two objects"):
+        binding.attention_dependence(VLMTask(cfg), params, scenes=0)

@@ -419,17 +419,21 @@ def _group_name(question_type: str | int) -> str:
 
 
 def vqa_accuracy(predictions: Sequence[str], references: Sequence[str],
-                 question_types: Sequence[str | int]) -> dict[str, float]:
+                 question_types: Sequence[str | int], num_objects: Sequence[int] | None = None) -> dict[str, float]:
     """Exact-match accuracy of generated answers, overall and per QUESTION_GROUPS group.
 
     correct_i = [normalize_answer(prediction_i) == normalize_answer(reference_i)]
     question_types: per question a kind (shapes.QUESTION_KINDS), a group name or a group index
     (the `question_group` field). Returns {"accuracy", "examples", "accuracy/<group>",
-    "examples/<group>"} for the groups present.
+    "examples/<group>"} for the groups present; with num_objects (per question, its scene's object
+    count) also "accuracy/objects_<n>", "examples/objects_<n>": a model that reads the scene as a bag
+    of attributes, without binding them to objects, is right with one object and near chance with more.
     """
     if not len(predictions) == len(references) == len(question_types):
         raise ValueError(f"{len(predictions)} predictions, {len(references)} references and "
                          f"{len(question_types)} question types: one of each per question")
+    if num_objects is not None and len(num_objects) != len(predictions):
+        raise ValueError(f"{len(num_objects)} object counts for {len(predictions)} questions: one per question")
     if not predictions:
         raise ValueError("no questions to score")
     correct = np.array([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)])
@@ -439,6 +443,11 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[str],
         if (sel := groups == g).any():
             out[f"accuracy/{g}"] = float(correct[sel].mean())
             out[f"examples/{g}"] = int(sel.sum())
+    if num_objects is not None:
+        counts = np.asarray(num_objects)
+        for n in np.unique(counts):
+            out[f"accuracy/objects_{n}"] = float(correct[counts == n].mean())
+            out[f"examples/objects_{n}"] = int((counts == n).sum())
     return out
 
 

@@ -174,7 +174,8 @@ class VLMTask(NextTokenTask):
         from mmjax.data import pipeline
         return pipeline.eval_batches(self.cfg.data, split=split,
                                      global_batch_size=global_batch_size or self.cfg.train.eval_batch_size,
-                                     example_transform=self.eval_transform, keep_fields=self.raw_fields,
+                                     example_transform=self.eval_transform,
+                                     keep_fields=tuple(dict.fromkeys(self.raw_fields + ("num_objects",))),  # by count
                                      transform_seed=self.cfg.loss.eval_seed)
 
     def example_batch(self, batch_size):
@@ -272,7 +273,7 @@ class VLMTask(NextTokenTask):
             self._eval_step = jax.jit(self.eval_fn)
         keys = set(self.example_batch(1)) | {"mask"}
         sums: dict[str, float] = {}
-        predictions, references, groups, labels = [], [], [], []
+        predictions, references, groups, labels, objects = [], [], [], [], []
         for local in self.eval_batches(split):
             if self.cfg.loss.eval_max_examples is not None and sums.get("count", 0) >= self.cfg.loss.eval_max_examples:
                 break
@@ -296,6 +297,7 @@ class VLMTask(NextTokenTask):
                 labels += [vdata.labels_of({k: local[k][r] for k in LABEL_FIELDS}) for r in real]
             else:
                 groups += [int(g) for g in local["question_group"][real]]
+                objects += [int(n) for n in local["num_objects"][real]] if "num_objects" in local else []
         tokens = max(sums["tokens"], 1.0)
         results = {"loss": sums["nll"] / tokens, "perplexity": math.exp(sums["nll"] / tokens),
                    "token_accuracy": sums["correct"] / tokens, "count": int(sums["count"])}
@@ -305,7 +307,8 @@ class VLMTask(NextTokenTask):
                 results.update({f"caption/{k}": v for k, v in scores.items()})
                 results["caption/attribute_accuracy"] = float(np.mean([scores[a] for a in vdata.CAPTION_ATTRIBUTES]))
             else:
-                results.update({f"vqa/{k}": v for k, v in vdata.vqa_accuracy(predictions, references, groups).items()})
+                results.update({f"vqa/{k}": v for k, v in vdata.vqa_accuracy(predictions, references, groups,
+                                                                                   objects or None).items()})
             results["samples"] = [f"{r} → {q}" for q, r in list(zip(predictions, references))[:8]]
         return results
 
