@@ -10,6 +10,7 @@ from mmjax.tasks.base import Task
 from mmjax.tasks.classification import ClassificationTask
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.lm import LMTask
+from mmjax.tasks.pixel_ar import PixelARTask
 from mmjax.tasks.vlm import VLMTask
 
 TASKS: dict[str, type[Task]] = {
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "contrastive": ContrastiveTask,
     "lm": LMTask,
+    "pixel_ar": PixelARTask,
     "vlm": VLMTask,
 }
 
@@ -27,5 +29,5 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "AutoencoderTask", "ClassificationTask", "ContrastiveTask", "LMTask", "Task", "VLMTask",
-           "get_task_class"]
+__all__ = ["TASKS", "AutoencoderTask", "ClassificationTask", "ContrastiveTask", "LMTask", "PixelARTask", "Task",
+           "VLMTask", "get_task_class"]
