@@ -6,6 +6,7 @@
     mmjax bench-data [--name shapes] [...]
     mmjax bench-decode [--batch-sizes 8,1] [...]
     mmjax ask --workdir runs/vlm_shapes --image scene.png "what color is the circle?"
+    mmjax sample --workdir runs/pixel_ar_shapes --num 16 --out grid.png
 
 Environment: MMJAX_HUGEPAGE_MALLOC=1 re-executes any command under glibc malloc tunables for
 XLA:CPU (huge pages); the benchmarks do so by default when the backend would be the CPU
@@ -84,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     ask_p.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
     ask_p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's loss.max_answer_tokens")
     ask_p.add_argument("question", help='e.g. "what color is the circle?"')
+    sm = sub.add_parser("sample", help="draw images from a trained image-generation run into a PNG grid")
+    sm.add_argument("--workdir", required=True, help="a `pixel_ar` run directory (its config + latest checkpoint)")
+    sm.add_argument("--num", type=int, default=16, help="images to draw (default 16)")
+    sm.add_argument("--out", required=True, help="the PNG grid to write")
+    sm.add_argument("--temperature", type=float, default=None, help="default: the run's loss.sample_temperature")
+    sm.add_argument("--top-k", type=int, default=None, help="default: the run's loss.sample_top_k")
+    sm.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
     sub.add_parser("bench", help="train-step benchmarks: ViT, CLIP vs HF CLIPModel, --suite gpu "
                                  "(see mmjax bench --help)")
@@ -113,7 +121,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--config.* overrides only apply to `train`: {overrides}")
     if args.command == "ask":
         return ask(args.workdir, args.image, args.question, max_new_tokens=args.max_new_tokens)
+    if args.command == "sample":
+        return sample(args.workdir, args.num, args.out, temperature=args.temperature, top_k=args.top_k,
+                      seed=args.seed)
     return 1
+
+
+def sample(workdir: str, num: int, out: str, *, temperature: float | None = None, top_k: int | None = None,
+           seed: int = 0) -> int:
+    """`mmjax sample`: the run's config and latest checkpoint, `num` images drawn on device with the
+    run's sampler (or the overrides given), written as one PNG grid."""
+    from pathlib import Path
+    config_path = Path(workdir) / "config.json"
+    if not config_path.is_file():
+        return _error(f"--workdir {workdir} holds no run (no config.json); give a directory `mmjax train` wrote")
+    task_name = json.loads(config_path.read_text()).get("task")
+    if task_name != "pixel_ar":
+        return _error(f"--workdir {workdir} is a {task_name!r} run; `sample` draws from image-generation runs "
+                      "(task 'pixel_ar')")
+    if num < 1 or (temperature is not None and temperature <= 0) or (top_k is not None and top_k < 1):
+        return _error("--num and --top-k must be >= 1, --temperature > 0")
+    import jax
+
+    from mmjax.data.grid import save_image_grid
+    from mmjax.experiment import latest_checkpoint_step, load_run
+    from mmjax.tasks.pixel_ar import PixelARTask
+    if latest_checkpoint_step(workdir) is None:
+        return _error(f"--workdir {workdir} has no checkpoint yet (train it first, or wait for its first save)")
+    cfg, step, params = load_run(workdir)
+    task = PixelARTask(cfg)
+    images = task.sample(params, num, rng=jax.random.PRNGKey(seed),
+                         temperature=cfg.loss.sample_temperature if temperature is None else temperature,
+                         top_k=cfg.loss.sample_top_k if top_k is None else top_k)
+    path = save_image_grid(images, out, ncols=min(num, 8))
+    print(f"{num} images from {workdir} (step {step}) → {path}")
+    return 0
 
 
 def read_image(path: str):

@@ -105,18 +105,40 @@ def test_config_errors_name_the_problem(shapes_dir):
         PixelARTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_len=32)))
 
 
-def test_a_run_learns_and_samples_palette_images(shapes_dir, tmp_path):
-    from mmjax.experiment import load_run
+@pytest.fixture(scope="module")
+def run(shapes_dir, tmp_path_factory):
     from mmjax.train.loop import train
-    cfg = _config(shapes_dir)
-    results = train(cfg, tmp_path)
+    workdir = tmp_path_factory.mktemp("pixel_ar_run")
+    cfg = dataclasses.replace(_config(shapes_dir), train=dataclasses.replace(_config(shapes_dir).train,
+                                                                             checkpoint_every=60))
+    return cfg, workdir, train(cfg, workdir)
+
+
+def test_a_run_learns_and_samples_palette_images(run):
+    from mmjax.experiment import load_run
+    cfg, workdir, results = run
     ev = results["eval"]
     uniform = math.log2(cfg.loss.palette_size) / 3  # bits/dim of a model that predicts nothing
     assert ev["bits_per_dim"] < 0.5 * uniform, ev
-    assert (tmp_path / "images" / f"samples_{cfg.train.steps:06d}.png").is_file()
+    assert (workdir / "images" / f"samples_{cfg.train.steps:06d}.png").is_file()
     task = PixelARTask(cfg)
-    _, _, params = load_run(tmp_path)
+    _, _, params = load_run(workdir)
     images = task.sample(params, 3, rng=jax.random.PRNGKey(0))
     assert images.shape == (3, SIZE, SIZE, 3)
     colours = {tuple(c) for c in task.palette.tolist()}
     assert {tuple(c) for c in images.reshape(-1, 3).tolist()} <= colours  # palette colours only
+
+
+def test_sample_command_writes_a_grid_and_refuses_other_runs(run, tmp_path, capsys):
+    from PIL import Image
+
+    from mmjax.cli import main
+    cfg, workdir, _ = run
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", str(workdir), "--num", "3", "--out", str(out), "--temperature", "0.5"]) == 0
+    assert Image.open(out).size[0] > 3 * SIZE and "3 images" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"task": "lm"}')
+    assert main(["sample", "--workdir", str(tmp_path / "other"), "--out", str(out)]) == 2
+    assert "'lm' run" in capsys.readouterr().err
+    assert main(["sample", "--workdir", str(workdir), "--num", "0", "--out", str(out)]) == 2
