@@ -44,6 +44,7 @@ TOKENIZER = "bpe:shapes:512"  # trained on the train captions: the same tokenize
 IMAGE_ID = 418  # the BPE's 418 ids, then <image>
 MAX_LEN = 120  # bos + 16 image tokens + six packed questions with answers: 99% of train scenes fit
 EVAL_LEN = 40  # bos + 16 image tokens + one question (≤ 16 tokens with "\n") + answer (≤ 3) + eos
+ANSWER_POSITION = 33  # every answer at position 33: after [bos] <image>×16 and the longest question (16)
 
 
 def model() -> VLMConfig:
@@ -68,13 +69,14 @@ def get_config() -> ExperimentConfig:
         task="vlm",
         model=model(),
         loss=VLMLossConfig(sequence="vqa_packed", max_len=MAX_LEN, eval_max_len=EVAL_LEN, max_answer_tokens=4,
-                           eval_splits=("test_novel",)),
+                           answer_position=ANSWER_POSITION, eval_splits=("test_novel",)),
         data=DataConfig(name="shapes", train_split="train", eval_split="test", value_range="symmetric",
                         tokenizer=TOKENIZER),
         init_from=(("vision", "runs/clip_shapes"), ("lm", "runs/lm_captions")),
-        optim=OptimConfig(name="adamw", peak_lr=5e-4, warmup_steps=50, schedule="cosine", end_lr_ratio=0.05,
+        # Constant: binding is learnt late (steps ~1,100-1,700) and not at all once a schedule has decayed.
+        optim=OptimConfig(name="adamw", peak_lr=5e-4, warmup_steps=50, schedule="constant",
                           b2=0.98, weight_decay=0.05, grad_clip_norm=1.0),
         # One evaluation, at the end (4,000 greedy answers take about a minute here).
-        train=TrainConfig(steps=1500, batch_size=64, eval_batch_size=500, log_every=50, eval_every=0,
+        train=TrainConfig(steps=2000, batch_size=64, eval_batch_size=500, log_every=50, eval_every=0,
                           checkpoint_every=500, keep_checkpoints=1),
     )

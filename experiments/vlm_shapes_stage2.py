@@ -16,5 +16,6 @@ def get_config():
     return dataclasses.replace(
         cfg, name="vlm_shapes_stage2",
         init_from=(("", "runs/vlm_shapes_stage1"),),
-        optim=dataclasses.replace(cfg.optim, peak_lr=3e-4, freeze=(r"vision/.*",)),
+        optim=dataclasses.replace(cfg.optim, peak_lr=3e-4, freeze=(r"vision/.*",), schedule="cosine",
+                                  end_lr_ratio=0.05),
         train=dataclasses.replace(cfg.train, steps=1000))
