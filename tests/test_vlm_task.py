@@ -286,12 +286,13 @@ def test_multicrop_runs_end_to_end_above_the_tower_size(shapes_dir):
 def test_binding_diagnostics_run_on_a_trained_vlm(run, capsys):
     from mmjax.evals import binding
     workdir, _ = run
-    assert binding.main(["--workdir", str(workdir), "--scenes", "3", "--attention_scenes", "8"]) == 0
+    assert binding.main(["--workdir", str(workdir), "--scenes", "2", "--attention_scenes", "5"]) == 0
     printed = capsys.readouterr().out
-    assert "shape_at" in printed and "TV distance" in printed
+    assert "shape_at" in printed and "color_at" in printed
     cfg, _, params = load_run(workdir)
-    tv = binding.attention_dependence(VLMTask(cfg), params, scenes=8)
+    rows = [line.split(":")[1].split() for line in printed.splitlines() if line.strip().startswith("layer ")]
+    tv = np.array(rows, float)  # [layers, heads] TV distances
     assert tv.shape == (cfg.model.lm.encoder.depth, cfg.model.lm.encoder.num_heads)
-    assert np.all((tv >= 0) & (tv <= 1 + 1e-6))
+    assert np.all((tv >= 0) & (tv <= 1))
     with pytest.raises(ValueError, match="two objects"):
         binding.attention_dependence(VLMTask(cfg), params, scenes=0)
