@@ -34,6 +34,6 @@ def get_config() -> ExperimentConfig:
         data=DataConfig(name="shapes", train_split="train", eval_split="test", image_size=SIZE, value_range="unit"),
         optim=OptimConfig(name="adamw", peak_lr=2e-3, warmup_steps=40, schedule="cosine", end_lr_ratio=0.05,
                           b2=0.98, weight_decay=0.05, grad_clip_norm=1.0),
-        train=TrainConfig(steps=600, batch_size=16, eval_batch_size=250, log_every=50, eval_every=0,
-                          checkpoint_every=300, keep_checkpoints=1),
+        train=TrainConfig(steps=400, batch_size=16, eval_batch_size=250, log_every=50, eval_every=0,
+                          checkpoint_every=200, keep_checkpoints=1),
     )
