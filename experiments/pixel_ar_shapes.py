@@ -7,6 +7,11 @@ use 8 flat object colours on 3 backgrounds, so the palette is lossless: palette_
 raster order, BOS + 1,024 palette ids; a Llama-style decoder (width 128, depth 4, as lm_captions)
 models the sequence. Evaluated by bits per sub-pixel dimension on `test`, and 16 images sampled
 from BOS (temperature 1) written to images/samples_<step>.png.
+
+Measured (2-core EPYC, 2026-12-06): 0.0226 bits/dim on test (98.3% of pixels predicted; a model
+that knows only the 11 colours: log2(11)/3 = 1.15), 1,019 s in all. Samples show one to three
+flat-coloured objects on the scenes' backgrounds; their outlines are still blobs, not the shapes
+(docs/images/pixel_ar_shapes_samples.png).
 """
 
 from mmjax.data.config import DataConfig
