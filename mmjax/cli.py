@@ -131,23 +131,16 @@ def sample(workdir: str, num: int, out: str, *, temperature: float | None = None
            seed: int = 0) -> int:
     """`mmjax sample`: the run's config and latest checkpoint, `num` images drawn on device with the
     run's sampler (or the overrides given), written as one PNG grid."""
-    from pathlib import Path
-    config_path = Path(workdir) / "config.json"
-    if not config_path.is_file():
-        return _error(f"--workdir {workdir} holds no run (no config.json); give a directory `mmjax train` wrote")
-    task_name = json.loads(config_path.read_text()).get("task")
-    if task_name != "pixel_ar":
-        return _error(f"--workdir {workdir} is a {task_name!r} run; `sample` draws from image-generation runs "
-                      "(task 'pixel_ar')")
+    problem = _run_problem(workdir, "pixel_ar", "an image-generation run (task 'pixel_ar'); `sample` draws images")
+    if problem:
+        return _error(problem)
     if num < 1 or (temperature is not None and temperature <= 0) or (top_k is not None and top_k < 1):
         return _error("--num and --top-k must be >= 1, --temperature > 0")
     import jax
 
     from mmjax.data.grid import save_image_grid
-    from mmjax.experiment import latest_checkpoint_step, load_run
+    from mmjax.experiment import load_run
     from mmjax.tasks.pixel_ar import PixelARTask
-    if latest_checkpoint_step(workdir) is None:
-        return _error(f"--workdir {workdir} has no checkpoint yet (train it first, or wait for its first save)")
     cfg, step, params = load_run(workdir)
     task = PixelARTask(cfg)
     images = task.sample(params, num, rng=jax.random.PRNGKey(seed),
@@ -156,6 +149,23 @@ def sample(workdir: str, num: int, out: str, *, temperature: float | None = None
     path = save_image_grid(images, out, ncols=min(num, 8))
     print(f"{num} images from {workdir} (step {step}) → {path}")
     return 0
+
+
+def _run_problem(workdir: str, task: str, wanted: str) -> str | None:
+    """Why `workdir` is not a trained run of `task` (no config.json, another task, no checkpoint
+    yet), or None."""
+    from pathlib import Path
+
+    from mmjax.experiment import latest_checkpoint_step
+    config_path = Path(workdir) / "config.json"
+    if not config_path.is_file():
+        return f"--workdir {workdir} holds no run (no config.json); give a directory `mmjax train` wrote"
+    task_name = json.loads(config_path.read_text()).get("task")
+    if task_name != task:
+        return f"--workdir {workdir} is a {task_name!r} run, not {wanted}"
+    if latest_checkpoint_step(workdir) is None:
+        return f"--workdir {workdir} has no checkpoint yet (train it first, or wait for its first save)"
+    return None
 
 
 def read_image(path: str):
@@ -174,23 +184,14 @@ def read_image(path: str):
 def ask(workdir: str, image: str, question: str, *, max_new_tokens: int | None = None) -> int:
     """`mmjax ask`: the run's config and latest checkpoint, the question in the run's prompt
     template after the image block, a greedy answer printed on stdout."""
-    import json
-    from pathlib import Path
-
-    config_path = Path(workdir) / "config.json"
-    if not config_path.is_file():
-        return _error(f"--workdir {workdir} holds no run (no config.json); give a directory `mmjax train` wrote")
-    task_name = json.loads(config_path.read_text()).get("task")
-    if task_name != "vlm":
-        return _error(f"--workdir {workdir} is a {task_name!r} run, not a VLM run (task 'vlm'); `ask` needs "
-                      "a vision-language model")
+    problem = _run_problem(workdir, "vlm", "a VLM run (task 'vlm'); `ask` needs a vision-language model")
+    if problem:
+        return _error(problem)
     try:
         pixels = read_image(image)
     except ValueError as e:
         return _error(str(e))
-    from mmjax.experiment import latest_checkpoint_step, load_run
-    if latest_checkpoint_step(workdir) is None:
-        return _error(f"--workdir {workdir} has no checkpoint yet (train it first, or wait for its first save)")
+    from mmjax.experiment import load_run
     from mmjax.tasks.vlm import VLMTask, ask_prompt, image_for
     cfg, _, params = load_run(workdir)
     task = VLMTask(cfg)
