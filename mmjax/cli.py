@@ -86,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     ask_p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's loss.max_answer_tokens")
     ask_p.add_argument("question", help='e.g. "what color is the circle?"')
     sm = sub.add_parser("sample", help="draw images from a trained image-generation run into a PNG grid")
-    sm.add_argument("--workdir", required=True, help="a `pixel_ar` run directory (its config + latest checkpoint)")
+    sm.add_argument("--workdir", required=True,
+                    help="a `pixel_ar` or `vq_ar` run directory (its config + latest checkpoint)")
+    sm.add_argument("--prompt", default=None, help="the caption to draw (vq_ar runs: caption-conditional)")
     sm.add_argument("--num", type=int, default=16, help="images to draw (default 16)")
     sm.add_argument("--out", required=True, help="the PNG grid to write")
     sm.add_argument("--temperature", type=float, default=None, help="default: the run's loss.sample_temperature")
-    sm.add_argument("--top-k", type=int, default=None, help="default: the run's loss.sample_top_k")
+    sm.add_argument("--top-k", type=int, default=None, help="default: the run's pinned top-k")
+    sm.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance scale (vq_ar; default: the run's loss.cfg_scale; 1: none)")
     sm.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench-data", help="input-pipeline throughput (see mmjax bench-data --help)")
     sub.add_parser("bench", help="train-step benchmarks: ViT, CLIP vs HF CLIPModel, --suite gpu "
@@ -123,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         return ask(args.workdir, args.image, args.question, max_new_tokens=args.max_new_tokens)
     if args.command == "sample":
         return sample(args.workdir, args.num, args.out, temperature=args.temperature, top_k=args.top_k,
-                      seed=args.seed)
+                      seed=args.seed, prompt=args.prompt, cfg_scale=args.cfg_scale)
     return 1
 
 
 def sample(workdir: str, num: int, out: str, *, temperature: float | None = None, top_k: int | None = None,
-           seed: int = 0) -> int:
+           seed: int = 0, prompt: str | None = None, cfg_scale: float | None = None) -> int:
     """`mmjax sample`: the run's config and latest checkpoint, `num` images drawn on device with the
-    run's sampler (or the overrides given), written as one PNG grid."""
-    problem = _run_problem(workdir, "pixel_ar", "an image-generation run (task 'pixel_ar'); `sample` draws images")
+    run's sampler (or the overrides given), written as one PNG grid. pixel_ar runs draw from BOS;
+    vq_ar runs draw `num` images of `prompt` (a caption) with classifier-free guidance."""
+    problem = _run_problem(workdir, ("pixel_ar", "vq_ar"),
+                           "an image-generation run (task 'pixel_ar' or 'vq_ar'); `sample` draws images")
     if problem:
         return _error(problem)
     if num < 1 or (temperature is not None and temperature <= 0) or (top_k is not None and top_k < 1):
@@ -140,20 +146,38 @@ def sample(workdir: str, num: int, out: str, *, temperature: float | None = None
 
     from mmjax.data.grid import save_image_grid
     from mmjax.experiment import load_run
-    from mmjax.tasks.pixel_ar import PixelARTask
+    from mmjax.tasks import get_task_class
     cfg, step, params = load_run(workdir)
-    task = PixelARTask(cfg)
-    images = task.sample(params, num, rng=jax.random.PRNGKey(seed),
-                         temperature=cfg.loss.sample_temperature if temperature is None else temperature,
-                         top_k=cfg.loss.sample_top_k if top_k is None else top_k)
-    path = save_image_grid(images, out, ncols=min(num, 8))
+    if cfg.task == "vq_ar" and not prompt:
+        return _error(f"{workdir} is a caption-conditional run (vq_ar): give --prompt \"a large red circle at the "
+                      "top left\"")
+    if cfg.task == "pixel_ar" and (prompt or cfg_scale is not None):
+        return _error(f"{workdir} is an unconditional pixel_ar run: --prompt and --cfg-scale do not apply")
+    task = get_task_class(cfg.task)(cfg)
+    rng = jax.random.PRNGKey(seed)
+    if cfg.task == "pixel_ar":
+        images = task.sample(params, num, rng=rng,
+                             temperature=cfg.loss.sample_temperature if temperature is None else temperature,
+                             top_k=cfg.loss.sample_top_k if top_k is None else top_k)
+        value_range = (0, 1)
+    else:
+        c = cfg.loss
+        scale = c.cfg_scale if cfg_scale is None else (None if cfg_scale == 1 else cfg_scale)
+        try:
+            images = task.sample(params, [prompt] * num, rng=rng, cfg_scale=scale, top_p=c.top_p,
+                                 temperature=c.temperature if temperature is None else temperature,
+                                 top_k=c.top_k if top_k is None else top_k)
+        except ValueError as e:  # a caption longer than the run's condition slots
+            return _error(str(e))
+        value_range = (-1, 1)
+    path = save_image_grid(images, out, ncols=min(num, 8), value_range=value_range)
     print(f"{num} images from {workdir} (step {step}) → {path}")
     return 0
 
 
-def _run_problem(workdir: str, task: str, wanted: str) -> str | None:
-    """Why `workdir` is not a trained run of `task` (no config.json, another task, no checkpoint
-    yet), or None."""
+def _run_problem(workdir: str, tasks: str | tuple[str, ...], wanted: str) -> str | None:
+    """Why `workdir` is not a trained run of one of `tasks` (no config.json, another task, no
+    checkpoint yet), or None."""
     from pathlib import Path
 
     from mmjax.experiment import latest_checkpoint_step
@@ -161,7 +185,7 @@ def _run_problem(workdir: str, task: str, wanted: str) -> str | None:
     if not config_path.is_file():
         return f"--workdir {workdir} holds no run (no config.json); give a directory `mmjax train` wrote"
     task_name = json.loads(config_path.read_text()).get("task")
-    if task_name != task:
+    if task_name not in ((tasks,) if isinstance(tasks, str) else tasks):
         return f"--workdir {workdir} is a {task_name!r} run, not {wanted}"
     if latest_checkpoint_step(workdir) is None:
         return f"--workdir {workdir} has no checkpoint yet (train it first, or wait for its first save)"

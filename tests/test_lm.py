@@ -189,6 +189,29 @@ def test_rope_2d_rotates_halves_by_row_and_column():
     assert not np.allclose(apply_rope(jnp.asarray(x), jnp.asarray(rc[..., 0])), got)
 
 
+def test_learned_row_and_column_embeddings_add_to_the_inputs_and_decode_with_a_cache():
+    enc = dataclasses.replace(ENC, depth=1)
+    cfg = LMConfig(vocab_size=V, max_len=16, encoder=enc, rope_2d=True, learned_positions=True)
+    model = LM(cfg)
+    ids = jnp.arange(10, dtype=jnp.int32)[None] % V
+    pos = jnp.stack([jnp.arange(10) // 3, jnp.arange(10) % 3 + 5], -1)[None]    # (row, col) per token
+    params = model.init(jax.random.key(3), ids, positions=pos)["params"]
+    assert params["row_embedding"].value.shape == params["col_embedding"].value.shape == (16, D)
+    params = nn.meta.unbox(params)
+    full, aux = model.apply({"params": params}, ids, positions=pos)
+    # the same as feeding the embeddings with row[r] + col[c] added by hand to a model without the tables
+    plain = LM(dataclasses.replace(cfg, learned_positions=False))
+    x = model.apply({"params": params}, ids, method=LM.embed)
+    x = x + params["row_embedding"][pos[..., 0]] + params["col_embedding"][pos[..., 1]]
+    rest = {k: v for k, v in params.items() if k not in ("row_embedding", "col_embedding")}
+    np.testing.assert_allclose(plain.apply({"params": rest}, x, positions=pos)[0], full, atol=1e-5)
+    # prefill 6 + extend 4 with a KV cache = one full pass
+    l1, a1 = model.apply({"params": params}, ids[:, :6], positions=pos[:, :6], cache=init_cache(cfg, 1, 16),
+                         cache_index=0)
+    l2, _ = model.apply({"params": params}, ids[:, 6:], positions=pos[:, 6:], cache=a1["cache"], cache_index=6)
+    np.testing.assert_allclose(np.concatenate([l1, l2], 1), full, atol=1e-5)
+
+
 def test_bad_input_is_named(lm):
     model, params = lm
     v = {"params": params}

@@ -54,7 +54,8 @@ data × fsdp, kv heads over tensor), so it shards like the activations.
 
 Params (logical names → mmjax.sharding): token_embedding [V, D] ("vocab", "embed"); encoder/...
 (the shared Transformer: block_i or scanned blocks/block, final_norm); head/kernel [D, V]
-("embed", "vocab"), absent when tie_embeddings (logits = hidden · embeddingᵀ).
+("embed", "vocab"), absent when tie_embeddings (logits = hidden · embeddingᵀ); with
+learned_positions, position_embedding (or row_embedding and col_embedding) [max_len, D] (None, "embed").
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import ops
-from mmjax.config import config
+from mmjax.config import ConfigError, config
 from mmjax.layers import DenseGeneral, Transformer, TransformerConfig
 from mmjax.layers.transformer import init_kv_cache, kv_cache_logical_axes, to_dtype
 from mmjax.models.text import check_token_ids
@@ -89,6 +90,12 @@ class LMConfig:
       encoder.rope_base and a head dim divisible by 4.
     embed_scale: token embeddings are multiplied by it in `embed` (Gemma: √D, rounded to the compute
       dtype as HF does); float embeddings passed as inputs are used as given. 1.0: no scaling.
+    zero_init_head: the untied output head starts at zero (LlamaGen): every token starts equally
+      likely, so the first steps do not fight a random head's preferences.
+    learned_positions: also add learned absolute position embeddings to the inputs (beside RoPE):
+      table[p] [max_len, D], or with rope_2d row[p_0] + col[p_1] (DALL-E's row and column
+      embeddings): a token on an image grid then knows its cell, which relative RoPE alone does not
+      tell it (the words that describe a cell sit at no fixed distance from it).
     """
 
     vocab_size: int = 256
@@ -99,6 +106,13 @@ class LMConfig:
     tie_embeddings: bool = False
     rope_2d: bool = False
     embed_scale: float = 1.0
+    zero_init_head: bool = False
+    learned_positions: bool = False
+
+    def __post_init__(self):
+        if self.zero_init_head and self.tie_embeddings:
+            raise ConfigError("LMConfig.zero_init_head needs an untied head (tie_embeddings=False): a zero "
+                             "embedding would make every token the same")
 
 
 def init_cache(cfg: LMConfig, batch_size: int, max_len: int | None = None, dtype="float32") -> dict:
@@ -139,9 +153,14 @@ class LM(nn.Module):
             "token_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             (c.vocab_size, e.width), pdt)
         self.encoder = Transformer(e)
+        if c.learned_positions:
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+            names = ("row_embedding", "col_embedding") if c.rope_2d else ("position_embedding",)
+            self.position_tables = [self.param(n, init, (c.max_len, e.width), pdt) for n in names]
         if not c.tie_embeddings:
+            init = nn.initializers.zeros if c.zero_init_head else nn.initializers.normal(0.02)
             self.head = DenseGeneral(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=to_dtype(e.dtype),
-                                     param_dtype=pdt, kernel_init=nn.initializers.normal(0.02), ops=e.ops)
+                                     param_dtype=pdt, kernel_init=init, ops=e.ops)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token ids [B, T] → embeddings [B, T, D] (compute dtype), × cfg.embed_scale when it is not 1."""
@@ -187,6 +206,11 @@ class LM(nn.Module):
         else:
             kv_len = t
         positions = self._positions(positions, b, t, offset)
+        if self.cfg.learned_positions:
+            idx = jnp.clip(positions, 0, self.cfg.max_len - 1)
+            idx = [idx[..., i] for i in range(2)] if self.cfg.rope_2d else [idx]
+            for table, p in zip(self.position_tables, idx):
+                x = x + jnp.take(table, p, axis=0).astype(x.dtype)
         if kv_valid is not None:
             kv_valid = jnp.asarray(kv_valid)
             if kv_valid.shape != (b, kv_len):

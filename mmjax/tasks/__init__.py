@@ -12,6 +12,7 @@ from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.tasks.lm import LMTask
 from mmjax.tasks.pixel_ar import PixelARTask
 from mmjax.tasks.vlm import VLMTask
+from mmjax.tasks.vq_ar import VQARTask
 
 TASKS: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
@@ -20,6 +21,7 @@ TASKS: dict[str, type[Task]] = {
     "lm": LMTask,
     "pixel_ar": PixelARTask,
     "vlm": VLMTask,
+    "vq_ar": VQARTask,
 }
 
 
@@ -30,4 +32,4 @@ def get_task_class(name: str) -> type[Task]:
 
 
 __all__ = ["TASKS", "AutoencoderTask", "ClassificationTask", "ContrastiveTask", "LMTask", "PixelARTask", "Task",
-           "VLMTask", "get_task_class"]
+           "VLMTask", "VQARTask", "get_task_class"]

@@ -1,0 +1,251 @@
+"""Caption-conditional AR over VQ codes: the sequence layout and the loss by hand, config errors,
+guided sampling constrained to codes (scale 1 = unguided), and a tiny run through the loop on a
+tiny tokenizer run that learns the codes and writes a sample grid."""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import sharding as shd
+from mmjax.config import ConfigError
+from mmjax.data.config import DataConfig
+from mmjax.evals.probe import LABEL_FIELDS
+from mmjax.experiment import ExperimentConfig, TrainConfig, validate
+from mmjax.layers import TransformerConfig
+from mmjax.models.autoencoder import AutoencoderConfig
+from mmjax.models.lm import LMConfig
+from mmjax.models.quantizer import QuantizerConfig
+from mmjax.tasks.autoencoder import AutoencoderLossConfig
+from mmjax.tasks.vq_ar import ImageTextVocab, VQARLossConfig, VQARTask
+from mmjax.train.optim import OptimConfig
+
+SIZE = 8  # 8-px scenes, f = 2: a 4×4 code grid
+CODES = 16
+LC = 48  # caption slots (data.max_text_len)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory, small_shapes):
+    return small_shapes(tmp_path_factory.mktemp("shapes_vq_ar"), {"train": 96, "test": 24, "test_novel": 8})
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(shapes_dir, tmp_path_factory):
+    """A tiny VQ tokenizer, trained for a few steps (its codes need only be a function of the image)."""
+    from mmjax.train.loop import train
+    workdir = tmp_path_factory.mktemp("vq_tok")
+    cfg = validate(ExperimentConfig(
+        name="vq_tok", task="autoencoder",
+        model=AutoencoderConfig(kind="vq", channels=8, channel_mults=(1, 2), blocks_per_level=1, norm_groups=1,
+                                latent_channels=4, image_size=SIZE, mid_attention=False,
+                                quantizer=QuantizerConfig(codebook_size=CODES, code_dim=4, l2_normalize=True)),
+        loss=AutoencoderLossConfig(probe=False, eval_lpips=False),
+        data=DataConfig(name="shapes", data_dir=shapes_dir, image_size=SIZE, value_range="symmetric"),
+        optim=OptimConfig(name="adamw", peak_lr=3e-3, warmup_steps=2, schedule="constant"),
+        train=TrainConfig(steps=10, batch_size=16, eval_batch_size=24, log_every=10, eval_every=0,
+                          checkpoint_every=10, progress=False),
+        mesh=shd.MeshConfig(shape=(-1, 1, 1))))
+    train(cfg, workdir)
+    return str(workdir)
+
+
+def _config(data_dir, tok_dir, **loss):
+    return validate(ExperimentConfig(
+        name="vq_ar_test", task="vq_ar",
+        model=LMConfig(vocab_size=512, max_len=LC + CODES + 3, rope_2d=True, zero_init_head=True,
+                       learned_positions=True,
+                       encoder=TransformerConfig(width=32, depth=2, num_heads=2, mlp_dim=64, activation="swiglu",
+                                                 norm="rmsnorm", use_bias=False, rope_base=10000.0)),
+        loss=VQARLossConfig(**{"tokenizer_workdir": tok_dir, "cfg_scale": 2.0, "eval_prompts": 0, "samples": 4,
+                               **loss}),
+        data=DataConfig(name="shapes", data_dir=data_dir, image_size=SIZE, value_range="symmetric",
+                        text_field="caption", tokenizer="bpe:shapes:512", max_text_len=LC, text_add_bos=False,
+                        text_add_eos=False, extra_fields=LABEL_FIELDS),
+        optim=OptimConfig(name="adamw", peak_lr=3e-3, warmup_steps=5, schedule="cosine"),
+        train=TrainConfig(steps=80, batch_size=16, eval_batch_size=24, log_every=40, checkpoint_every=80,
+                          progress=False, seed=0),
+        mesh=shd.MeshConfig(shape=(-1, 1, 1))))
+
+
+@pytest.fixture(scope="module")
+def task(shapes_dir, tokenizer_run):
+    return VQARTask(_config(shapes_dir, tokenizer_run))
+
+
+def _unbox(params):
+    return jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value"))
+
+
+def test_vocabulary_layout():
+    v = ImageTextVocab(text_size=10, codebook_size=4)
+    assert (v.boi, v.eoi, v.null, v.code_offset, v.size, v.code_range) == (10, 11, 12, 13, 17, (13, 17))
+
+
+def test_sequence_layout_by_hand(task):
+    lc = task.cond_len
+    v = task.vocab
+    text = np.zeros((2, lc), np.int32)
+    text[0, :3] = [5, 6, 7]
+    text[1, :2] = [8, 9]
+    codes = np.arange(2 * CODES).reshape(2, 4, 4) % CODES
+    seq, valid, weights = jax.device_get(task.sequences(text, np.array([3, 2]), codes, np.array([False, True])))
+    # row 0: the caption right-aligned before BOI, pads hidden; row 1: dropped to [NULL] before BOI
+    np.testing.assert_array_equal(seq[0, lc - 3: lc + 1], [5, 6, 7, v.boi])
+    assert not valid[0, : lc - 3].any() and valid[0, lc - 3:].all()
+    np.testing.assert_array_equal(seq[1, lc - 1: lc + 1], [v.null, v.boi])
+    assert not valid[1, : lc - 1].any() and valid[1, lc - 1:].all()
+    np.testing.assert_array_equal(seq[:, lc + 1:], codes.reshape(2, -1) + v.code_offset)
+    np.testing.assert_array_equal(weights, np.broadcast_to(np.arange(lc + 1 + CODES) > lc, weights.shape))
+    pos = task.positions()
+    np.testing.assert_array_equal(pos[lc], [lc, lc])              # BOI on the diagonal after the caption
+    np.testing.assert_array_equal(pos[lc + 1 + 6], [lc + 2, lc + 3])  # code 6 = row 1, column 2
+
+
+def test_loss_is_the_code_cross_entropy_by_hand(task):
+    params = _unbox(task.init_params(jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape, np.float32)
+                          if x.ndim == 2 else x, params)  # the zero head would make every logit equal
+    extra = task.init_extra(params)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
+    text = np.zeros((3, LC), np.int32)
+    text[:, :4] = rng.integers(0, 100, (3, 4))
+    lens = np.array([4, 2, 3], np.int32)
+    batch = {"image": images, "text_ids": text, "text_len": lens, "mask": np.array([1, 1, 0], np.int32)}
+    sums = jax.device_get(task.eval_fn(params, extra, batch))
+    # by hand: the tokenizer's codes, [pads | caption | BOI | codes] with the pads hidden, log-softmax
+    # of the model's logits at the code targets only, over the two real rows
+    codes = np.asarray(task.tokenize(extra["tokenizer"], images)).reshape(3, -1)
+    total = 0.0
+    for b in range(2):
+        cap = text[b, : lens[b]]
+        seq = np.concatenate([cap, [task.vocab.boi], codes[b] + task.vocab.code_offset])
+        pos = task.positions()[LC - lens[b]:]
+        logits = np.asarray(task.model.apply({"params": params}, seq[None, :-1], positions=pos[None, :-1])[0][0],
+                            np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        total -= sum(logp[lens[b] + i, seq[lens[b] + 1 + i]] for i in range(CODES))
+    assert sums["tokens"] == 2 * CODES and sums["count"] == 2
+    assert sums["nll"] == pytest.approx(total, rel=1e-4)
+    out = task.summarize_eval({k: float(v) for k, v in sums.items()})
+    assert out["bits_per_dim"] == pytest.approx(total / 2 / (3 * SIZE * SIZE * math.log(2)), rel=1e-4)
+
+
+def test_config_errors_name_the_problem(shapes_dir, tokenizer_run, tmp_path):
+    cfg = _config(shapes_dir, tokenizer_run)
+    with pytest.raises(ConfigError, match="not a run directory|no config.json"):
+        VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, tokenizer_workdir=str(tmp_path))))
+    with pytest.raises(ConfigError, match="rope_2d=True"):
+        VQARTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, rope_2d=False)))
+    with pytest.raises(ConfigError, match="needs loss.cond_dropout > 0"):
+        VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, cond_dropout=0.0)))
+    with pytest.raises(ConfigError, match=r"image_size=16.*must be the tokenizer's \(8"):
+        VQARTask(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16)))
+    with pytest.raises(ConfigError, match="model.vocab_size=256 is below"):
+        VQARTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=256)))
+    with pytest.raises(ConfigError, match="untied head"):
+        LMConfig(tie_embeddings=True, zero_init_head=True)
+
+
+BOTH = ("caption_to_image", "image_to_caption")
+
+
+def test_image_first_layout_and_caption_loss_by_hand(shapes_dir, tokenizer_run):
+    task = VQARTask(_config(shapes_dir, tokenizer_run, directions=BOTH))
+    v, lc, eos = task.vocab, task.cond_len, task.tokenizer.eos_id
+    assert task.seq_len == lc + CODES + 3
+    text = np.zeros((2, lc), np.int32)
+    text[0, :3] = [5, 6, 7]
+    text[1, :1] = [8]
+    codes = (np.arange(2 * CODES).reshape(2, 4, 4) * 3) % CODES
+    seq, valid, w = jax.device_get(task.image_first_sequences(text, np.array([3, 1]), codes))
+    want = [v.boi, *(codes[0].ravel() + v.code_offset), v.eoi, 5, 6, 7, eos]
+    np.testing.assert_array_equal(seq[0, : CODES + 6], want)
+    np.testing.assert_array_equal(seq[1, CODES + 1: CODES + 4], [v.eoi, 8, eos])
+    assert valid.all()
+    # targets: the caption and EOS only (all_tokens off)
+    np.testing.assert_array_equal(np.nonzero(w[0])[0], np.arange(CODES + 2, CODES + 6))
+    np.testing.assert_array_equal(np.nonzero(w[1])[0], [CODES + 2, CODES + 3])
+    # caption-first sequences of this run end with EOI (a target) and one pad
+    seq2, valid2, w2 = jax.device_get(task.sequences(text, np.array([3, 1]), codes, np.array([False, False])))
+    assert (seq2[:, lc + 1 + CODES] == v.eoi).all() and not valid2[:, -1].any()
+    np.testing.assert_array_equal(np.nonzero(w2[0])[0], np.arange(lc + 1, lc + CODES + 2))
+    pos = task.positions("image_to_caption")
+    np.testing.assert_array_equal(pos[[0, 1, CODES, CODES + 1, CODES + 2]], [[0, 0], [1, 1], [4, 4], [5, 5], [6, 6]])
+    # the image → caption NLL by hand: log-softmax at the caption + EOS targets of a real row
+    params = _unbox(task.init_params(jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape, np.float32)
+                          if x.ndim == 2 else x, params)
+    extra = task.init_extra(params)
+    images = np.random.default_rng(2).uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    batch = {"image": images, "text_ids": text[:1], "text_len": np.array([3]), "mask": np.ones(1, np.int32)}
+    sums = jax.device_get(task.eval_fn(params, extra, batch))
+    c = np.asarray(task.tokenize(extra["tokenizer"], images)).ravel()
+    seq = np.array([v.boi, *(c + v.code_offset), v.eoi, 5, 6, 7, eos])
+    logits = np.asarray(task.model.apply({"params": params}, seq[None, :-1], positions=pos[None, : len(seq) - 1])[0][0],
+                        np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -sum(logp[t, seq[t + 1]] for t in range(CODES + 1, CODES + 5))
+    assert sums["text_tokens"] == 4 and sums["text_nll"] == pytest.approx(nll, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def run(shapes_dir, tokenizer_run, tmp_path_factory):
+    """One tiny model trained both ways (caption → image and image → caption)."""
+    from mmjax.train.loop import train
+    workdir = tmp_path_factory.mktemp("vq_ar_run")
+    cfg = _config(shapes_dir, tokenizer_run, directions=BOTH, eval_prompts=8, probe=False)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, peak_lr=1e-2),
+                              train=dataclasses.replace(cfg.train, steps=120, checkpoint_every=120))
+    return cfg, workdir, train(cfg, workdir)
+
+
+def test_a_run_learns_the_codes_and_samples_them(run):
+    from mmjax.experiment import load_run
+    cfg, workdir, results = run
+    ev = results["eval"]
+    task = VQARTask(cfg)
+    _, _, params = load_run(workdir)
+    # A model that knows only how often each code occurs (fitted on these very test codes) scores
+    # their entropy; the AR model must do better, from the caption and the codes before.
+    _, real, _, _ = task.prompt_set("test", 24)
+    counts = np.bincount(np.asarray(task.tokenize(task.ae_params, real)).ravel(), minlength=CODES)
+    q = counts[counts > 0] / counts.sum()
+    entropy = float(-(q * np.log(q)).sum())
+    assert ev["nll_per_code"] < entropy - 0.1, (ev, entropy)
+    assert (workdir / "images" / f"samples_{cfg.train.steps:06d}.png").is_file()
+    assert len((workdir / "images" / f"samples_{cfg.train.steps:06d}.txt").read_text().splitlines()) == 4
+    ids, _, _, _ = task.prompt_set("test", 3)
+    key = jax.random.PRNGKey(3)
+    guided = task.sample_codes(params, ids, rng=key, cfg_scale=4.0)
+    assert guided.shape == (3, 4, 4) and guided.min() >= 0 and guided.max() < CODES  # codes only
+    # scale 1 is the conditional model: the same draws as unguided sampling with the same key
+    np.testing.assert_array_equal(task.sample_codes(params, ids, rng=key, cfg_scale=1.0),
+                                  task.sample_codes(params, ids, rng=key))
+    images = task.sample(params, ["a red circle at the top left"], rng=key, cfg_scale=2.0)
+    assert images.shape == (1, SIZE, SIZE, 3) and np.abs(images).max() <= 1.0
+    # the other way: captions from images, text ids only
+    assert ev["caption_nll"] < 0.6 * math.log(task.vocab.text_size), ev
+    captions = task.caption_images(params, real[:2])
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+    assert ev["captions/examples"] == 8 and 0.0 <= ev["captions/parsed"] <= 1.0
+    assert ev["nocfg/codes_used"] <= CODES and ev["cfg/seconds_per_image"] > 0
+
+
+def test_sample_command_draws_a_caption(run, tmp_path, capsys):
+    from PIL import Image
+
+    from mmjax.cli import main
+    _, workdir, _ = run
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", str(workdir), "--prompt", "a small red circle at the top left",
+                 "--num", "3", "--out", str(out), "--cfg-scale", "2"]) == 0
+    with Image.open(out) as im:
+        assert im.size[1] >= SIZE and im.size[0] >= 3 * SIZE
+    assert main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out)]) == 2
+    assert "give --prompt" in capsys.readouterr().err
