@@ -7,14 +7,24 @@
 Each 32×32 scene becomes 8×8 codes of the vqgan_shapes tokenizer (512 codes, frozen, run on device
 inside the loss); the sequence is [caption (≤ 44 BPE tokens, right-aligned) | BOI | 64 codes] in one
 vocabulary of 418 text ids + BOI, EOI, NULL + 512 codes. A Llama-style decoder (width 128, depth 4,
-as lm_captions and pixel_ar_shapes) with 2D RoPE over the code grid and a zero-initialised head;
-the loss is on the codes only; 10% of captions are dropped to NULL for classifier-free guidance.
+as lm_captions and pixel_ar_shapes) with 2D RoPE over the code grid, learned row and column
+embeddings (RoPE is relative: without them a code cannot tell which cell it is, so it cannot
+match "top left" to itself; docs/generation.md) and a zero-initialised head; the loss is on the
+codes only; 10% of captions are dropped to NULL for classifier-free guidance.
 
-Sampling is pinned here: CFG scale 3 on the logits, then temperature 1 and top-k 64, inside the one
-on-device decode loop. Evaluated on the first 500 captions of `test` and `test_novel` (held-out
-colour-shape pairs): images generated with and without CFG (and at the scales of the sweep on
-test), decoded by the tokenizer, read back by the shapes probe against the scene each caption
-describes; FD-probe and KID-probe against the real images of those captions.
+Sampling is pinned here: CFG scale 1.5 on the logits (the best of the sweep 1 / 1.5 / 3 / 5), then
+temperature 1 and top-k 64, inside the one on-device decode loop. 2,300 steps of 64 at a constant
+2e-3: the model ties words to cells late (after step 1,150 in the measured run), as the VLM did.
+Evaluated on the first 500 captions of `test` and `test_novel` (held-out colour-shape pairs):
+images generated with and without CFG (and at the scales of the sweep on test), decoded by the
+tokenizer, read back by the shapes probe against the scene each caption describes; FD-probe and
+KID-probe against the real images of those captions.
+
+Measured (2-core EPYC, 2026-12-06, 25 min of training, the first 5 shared with the test suite):
+test NLL 1.806 nats per code (NULL condition: 2.188), 0.0543 bits/dim; with CFG 1.5 the probe
+reads colour 54.5%, shape 40.4%, size 72.4%, position 59.2%, count 72.4% (a generator ignoring
+the caption: 12.7 / 4.5 / 48.5 / 2.0 / 34.0%); on test_novel, CFG 3: colour 52.1%, shape 26.5%.
+docs/generation.md has the sweep and the trials.
 """
 
 from mmjax.data.config import DataConfig
@@ -40,15 +50,15 @@ def get_config() -> ExperimentConfig:
             encoder=TransformerConfig(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
                                       activation="swiglu", norm="rmsnorm", norm_eps=1e-6, use_bias=False,
                                       rope_base=10000.0)),
-        loss=VQARLossConfig(tokenizer_workdir="runs/vqgan_shapes", cond_dropout=0.1, cfg_scale=3.0,
+        loss=VQARLossConfig(tokenizer_workdir="runs/vqgan_shapes", cond_dropout=0.1, cfg_scale=1.5,
                             temperature=1.0, top_k=64, eval_prompts=500, eval_splits=("test_novel",),
-                            cfg_sweep=(1.5, 5.0), samples=16),
+                            cfg_sweep=(3.0, 5.0), samples=16),
         data=DataConfig(name="shapes", train_split="train", eval_split="test", image_size=32,
                         value_range="symmetric", text_field="caption", tokenizer="bpe:shapes:512",
                         max_text_len=CAPTION_SLOTS, text_add_bos=False, text_add_eos=False,
                         on_long_text="error", extra_fields=LABEL_FIELDS),
-        optim=OptimConfig(name="adamw", peak_lr=2e-3, warmup_steps=50, schedule="cosine", end_lr_ratio=0.1,
+        optim=OptimConfig(name="adamw", peak_lr=2e-3, warmup_steps=50, schedule="constant",
                           b2=0.98, weight_decay=0.05, grad_clip_norm=1.0),
-        train=TrainConfig(steps=1000, batch_size=64, eval_batch_size=500, log_every=50, eval_every=0,
-                          checkpoint_every=500, keep_checkpoints=1),
+        train=TrainConfig(steps=2300, batch_size=64, eval_batch_size=500, log_every=50, eval_every=0,
+                          checkpoint_every=1150, keep_checkpoints=1),
     )

@@ -205,7 +205,11 @@ def run(shapes_dir, tokenizer_run, tmp_path_factory):
     return cfg, workdir, train(cfg, workdir)
 
 
-def test_a_run_learns_the_codes_and_samples_them(run):
+def test_a_run_learns_both_ways_and_the_sample_command_draws_a_caption(run, tmp_path, capsys):
+    # One test for the one run: under pytest-xdist every test of a module fixture may rebuild it.
+    from PIL import Image
+
+    from mmjax.cli import main
     from mmjax.experiment import load_run
     cfg, workdir, results = run
     ev = results["eval"]
@@ -235,13 +239,6 @@ def test_a_run_learns_the_codes_and_samples_them(run):
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
     assert ev["captions/examples"] == 8 and 0.0 <= ev["captions/parsed"] <= 1.0
     assert ev["nocfg/codes_used"] <= CODES and ev["cfg/seconds_per_image"] > 0
-
-
-def test_sample_command_draws_a_caption(run, tmp_path, capsys):
-    from PIL import Image
-
-    from mmjax.cli import main
-    _, workdir, _ = run
     out = tmp_path / "grid.png"
     assert main(["sample", "--workdir", str(workdir), "--prompt", "a small red circle at the top left",
                  "--num", "3", "--out", str(out), "--cfg-scale", "2"]) == 0
