@@ -231,6 +231,12 @@ def test_a_run_learns_both_ways_and_the_sample_command_draws_a_caption(run, tmp_
     # scale 1 is the conditional model: the same draws as unguided sampling with the same key
     np.testing.assert_array_equal(task.sample_codes(params, ids, rng=key, cfg_scale=1.0),
                                   task.sample_codes(params, ids, rng=key))
+    # guided greedy decoding with grid positions on a (2, 2, 2) mesh of 8 devices = one device
+    mesh = shd.make_mesh(shd.MeshConfig(shape=(2, 2, 2)))
+    greedy = task.sample_codes(params, ids, rng=key, cfg_scale=2.0, temperature=0.0)
+    assert len(np.unique(greedy)) > 1  # not one code everywhere: the comparison can fail
+    np.testing.assert_array_equal(task.sample_codes(params, ids, rng=key, cfg_scale=2.0, temperature=0.0, mesh=mesh),
+                                  greedy)
     images = task.sample(params, ["a red circle at the top left"], rng=key, cfg_scale=2.0)
     assert images.shape == (1, SIZE, SIZE, 3) and np.abs(images).max() <= 1.0
     # the other way: captions from images, text ids only
