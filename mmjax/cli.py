@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--workdir", required=True,
                     help="a `pixel_ar` or `vq_ar` run directory (its config + latest checkpoint)")
     sm.add_argument("--prompt", default=None, help="the caption to draw (vq_ar runs: caption-conditional)")
+    sm.add_argument("--class", dest="class_id", type=int, default=None,
+                    help="the class to draw (class-conditional vq_ar runs: loss.class_field)")
     sm.add_argument("--num", type=int, default=16, help="images to draw (default 16)")
     sm.add_argument("--out", required=True, help="the PNG grid to write")
     sm.add_argument("--temperature", type=float, default=None, help="default: the run's loss.sample_temperature")
@@ -127,15 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         return ask(args.workdir, args.image, args.question, max_new_tokens=args.max_new_tokens)
     if args.command == "sample":
         return sample(args.workdir, args.num, args.out, temperature=args.temperature, top_k=args.top_k,
-                      seed=args.seed, prompt=args.prompt, cfg_scale=args.cfg_scale)
+                      seed=args.seed, prompt=args.prompt, cfg_scale=args.cfg_scale, class_id=args.class_id)
     return 1
 
 
 def sample(workdir: str, num: int, out: str, *, temperature: float | None = None, top_k: int | None = None,
-           seed: int = 0, prompt: str | None = None, cfg_scale: float | None = None) -> int:
+           seed: int = 0, prompt: str | None = None, cfg_scale: float | None = None,
+           class_id: int | None = None) -> int:
     """`mmjax sample`: the run's config and latest checkpoint, `num` images drawn on device with the
     run's sampler (or the overrides given), written as one PNG grid. pixel_ar runs draw from BOS;
-    vq_ar runs draw `num` images of `prompt` (a caption) with classifier-free guidance."""
+    vq_ar runs draw `num` images of `prompt` (a caption), or of class `class_id` (class-conditional
+    runs), with classifier-free guidance."""
     problem = _run_problem(workdir, ("pixel_ar", "vq_ar"),
                            "an image-generation run (task 'pixel_ar' or 'vq_ar'); `sample` draws images")
     if problem:
@@ -148,11 +152,15 @@ def sample(workdir: str, num: int, out: str, *, temperature: float | None = None
     from mmjax.experiment import load_run
     from mmjax.tasks import get_task_class
     cfg, step, params = load_run(workdir)
-    if cfg.task == "vq_ar" and not prompt:
+    class_cond = cfg.task == "vq_ar" and cfg.loss.class_field is not None
+    if class_cond and (class_id is None or prompt):
+        return _error(f"{workdir} is a class-conditional run (vq_ar, classes of {cfg.loss.class_field!r} in "
+                      f"0..{cfg.loss.num_classes - 1}): give --class K, not --prompt")
+    if cfg.task == "vq_ar" and not class_cond and (not prompt or class_id is not None):
         return _error(f"{workdir} is a caption-conditional run (vq_ar): give --prompt \"a large red circle at the "
-                      "top left\"")
-    if cfg.task == "pixel_ar" and (prompt or cfg_scale is not None):
-        return _error(f"{workdir} is an unconditional pixel_ar run: --prompt and --cfg-scale do not apply")
+                      "top left\", not --class")
+    if cfg.task == "pixel_ar" and (prompt or cfg_scale is not None or class_id is not None):
+        return _error(f"{workdir} is an unconditional pixel_ar run: --prompt, --class and --cfg-scale do not apply")
     task = get_task_class(cfg.task)(cfg)
     rng = jax.random.PRNGKey(seed)
     if cfg.task == "pixel_ar":
@@ -164,10 +172,11 @@ def sample(workdir: str, num: int, out: str, *, temperature: float | None = None
         c = cfg.loss
         scale = c.cfg_scale if cfg_scale is None else (None if cfg_scale == 1 else cfg_scale)
         try:
-            images = task.sample(params, [prompt] * num, rng=rng, cfg_scale=scale, top_p=c.top_p,
+            condition = class_id if class_cond else prompt
+            images = task.sample(params, [condition] * num, rng=rng, cfg_scale=scale, top_p=c.top_p,
                                  temperature=c.temperature if temperature is None else temperature,
                                  top_k=c.top_k if top_k is None else top_k)
-        except ValueError as e:  # a caption longer than the run's condition slots
+        except ValueError as e:  # a caption longer than the run's condition slots, a class out of range
             return _error(str(e))
         value_range = (-1, 1)
     path = save_image_grid(images, out, ncols=min(num, 8), value_range=value_range)

@@ -82,6 +82,8 @@ def _unbox(params):
 def test_vocabulary_layout():
     v = ImageTextVocab(text_size=10, codebook_size=4)
     assert (v.boi, v.eoi, v.null, v.code_offset, v.size, v.code_range) == (10, 11, 12, 13, 17, (13, 17))
+    c = ImageTextVocab(text_size=0, codebook_size=4, num_classes=3)  # class-conditional: classes after the codes
+    assert (c.boi, c.null, c.code_range, c.class_offset, c.size) == (0, 2, (3, 7), 7, 10)
 
 
 def test_sequence_layout_by_hand(task):
@@ -252,3 +254,56 @@ def test_a_run_learns_both_ways_and_the_sample_command_draws_a_caption(run, tmp_
         assert im.size[1] >= SIZE and im.size[0] >= 3 * SIZE
     assert main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out)]) == 2
     assert "give --prompt" in capsys.readouterr().err
+
+
+def _class_config(data_dir, tok_dir, **loss):
+    cfg = _config(data_dir, tok_dir, class_field="num_objects", num_classes=4, probe=False, **loss)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_field=None))
+
+
+def test_class_conditional_layout_errors_run_and_sample_command(shapes_dir, tokenizer_run, tmp_path, capsys):
+    """LlamaGen's class-conditional model: [CLASS_k | BOI | codes], the same loop, CFG and `mmjax sample --class`."""
+    from mmjax.cli import main
+    from mmjax.experiment import load_run
+    from mmjax.train.loop import train
+    cfg = _class_config(shapes_dir, tokenizer_run)
+    task = VQARTask(cfg)
+    v = task.vocab
+    assert (task.cond_len, task.seq_len, v.text_size, v.class_offset) == (1, 2 + CODES, 0, 3 + CODES)
+    ids, lens = jax.device_get(task.condition({"num_objects": np.array([3, 1])}))
+    np.testing.assert_array_equal(ids, [[v.class_offset + 3], [v.class_offset + 1]])
+    codes = np.arange(2 * CODES).reshape(2, 4, 4) % CODES
+    seq, valid, w = jax.device_get(task.sequences(ids, lens, codes, np.array([False, True])))
+    np.testing.assert_array_equal(seq[:, :2], [[v.class_offset + 3, v.boi], [v.null, v.boi]])
+    np.testing.assert_array_equal(seq[:, 2:], codes.reshape(2, -1) + v.code_offset)
+    assert valid.all() and (w[:, 2:] == 1).all() and (w[:, :2] == 0).all()
+    with pytest.raises(ValueError, match=r"'num_objects' holds classes outside \[0, 4\).*max 7"):
+        task.check_batch({"image": np.zeros((2, SIZE, SIZE, 3), np.float32),
+                          "num_objects": np.array([1, 7], np.int32)}, 5)
+    with pytest.raises(ValueError, match=r"classes \[4\] are outside \[0, 4\)"):
+        task.condition_ids([1, 4])
+    for bad in ({"num_classes": 0}, {"class_field": "label"}):
+        with pytest.raises(ConfigError, match="makes the run class-conditional"):
+            VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **bad)))
+    with pytest.raises(ConfigError, match="leave data.text_field None"):
+        VQARTask(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_field="caption")))
+    # a short run learns codes below their own entropy and draws each class on request
+    workdir = tmp_path / "run"
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, peak_lr=1e-2),
+                              train=dataclasses.replace(cfg.train, steps=60, checkpoint_every=60))
+    ev = train(cfg, workdir)["eval"]
+    _, real, labels, texts = task.prompt_set("test", 24)
+    assert texts[0] == f"num_objects {labels['num_objects'][0]}"
+    counts = np.bincount(np.asarray(task.tokenize(task.ae_params, real)).ravel(), minlength=CODES)
+    q = counts[counts > 0] / counts.sum()
+    assert ev["nll_per_code"] < float(-(q * np.log(q)).sum()) - 0.1, ev
+    _, _, params = load_run(workdir)
+    images = task.sample(params, [1, 3], rng=jax.random.PRNGKey(0), cfg_scale=2.0)
+    assert images.shape == (2, SIZE, SIZE, 3)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", str(workdir), "--class", "2", "--num", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["sample", "--workdir", str(workdir), "--prompt", "a red circle", "--out", str(out)]) == 2
+    assert "give --class K" in capsys.readouterr().err
+    assert main(["sample", "--workdir", str(workdir), "--class", "9", "--out", str(out)]) == 2
+    assert "outside [0, 4)" in capsys.readouterr().err

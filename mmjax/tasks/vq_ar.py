@@ -20,6 +20,10 @@ Sampling (`sample`): prompts caption + BOI, null prompts NULL + BOI, one doubled
 top-k / top-p, constrained to the code ids, hw tokens, on device; codes → pixels with the
 tokenizer's decoder. cfg_scale None: the conditional model alone (no doubled batch).
 
+Class-conditional (loss.class_field, LlamaGen's c2i): the condition is one class token instead of
+the caption, [CLASS_k | BOI | codes] with k an integer batch field (e.g. "num_objects" on shapes)
+and the class ids after the codes in the vocabulary; dropout, NULL, CFG and sampling are the same.
+
 Evaluation: test NLL per code (conditional, and with the NULL condition), bits/dim of the codes
 (the NLL of an image's hw codes / (3·H·W·ln 2): what coding the tokenizer's version of the image
 costs, comparable to the pixel AR's bits/dim as a rate, not as a likelihood of the pixels); then
@@ -36,6 +40,7 @@ import math
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,13 +54,29 @@ DIRECTIONS = ("caption_to_image", "image_to_caption")
 PROBE_ATTRIBUTES = ("color", "shape", "size", "position", "count", "all")  # captions never name the background
 
 
+class _FieldAsInt32(grain.transforms.Map):
+    """Casts one integer field to int32 (the decoder hands scalar labels over as int64)."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def map(self, example):
+        return {**example, self.field: np.asarray(example[self.field], np.int32)}
+
+
+# A class field the shapes probe reads back: class-conditional samples are scored on that attribute.
+CLASS_PROBE_ATTRIBUTE = {"num_objects": "count", "background": "background"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageTextVocab:
     """One vocabulary for text and image codes: text ids [0, text_size), then the sentinels BOI
-    (begin of image), EOI (end of image) and NULL (the dropped condition), then codebook_size codes."""
+    (begin of image), EOI (end of image) and NULL (the dropped condition), then codebook_size codes,
+    then num_classes class tokens (class-conditional runs)."""
 
     text_size: int
     codebook_size: int
+    num_classes: int = 0
 
     @property
     def boi(self) -> int:
@@ -74,12 +95,16 @@ class ImageTextVocab:
         return self.text_size + 3
 
     @property
-    def size(self) -> int:
+    def class_offset(self) -> int:
         return self.code_offset + self.codebook_size
 
     @property
+    def size(self) -> int:
+        return self.class_offset + self.num_classes
+
+    @property
     def code_range(self) -> tuple[int, int]:
-        return self.code_offset, self.size
+        return self.code_offset, self.class_offset
 
 
 @config
@@ -97,7 +122,9 @@ class VQARLossConfig:
     eval_splits: splits besides data.eval_split whose captions are also sampled (e.g. test_novel).
     cfg_sweep: guidance scales also evaluated on data.eval_split (the pinned scale and no-CFG always are).
     samples: images written to images/samples_<step>.png (the first test captions, with the sampler).
-    probe: read generated images back with the shapes probe (off: sampling time and codes used only)."""
+    probe: read generated images back with the shapes probe (off: sampling time and codes used only).
+    class_field: class-conditional instead (no caption): the integer batch field (listed in
+      data.extra_fields) whose value k in [0, num_classes) becomes the one condition token CLASS_k."""
 
     tokenizer_workdir: str = ""
     directions: tuple[str, ...] = ("caption_to_image",)
@@ -114,6 +141,8 @@ class VQARLossConfig:
     samples: int = 16
     sample_seed: int = 0
     probe: bool = True
+    class_field: str | None = None
+    num_classes: int = 0
 
 
 def load_vq_tokenizer(workdir: str):
@@ -143,8 +172,19 @@ class VQARTask(NextTokenTask):
     def __init__(self, cfg):
         super().__init__(cfg)
         d, m, loss = cfg.data, cfg.model, cfg.loss
-        if d.text_field is None:
-            raise ConfigError("the vq_ar task is caption-conditional: set data.text_field (e.g. 'caption')")
+        self.class_field = loss.class_field
+        if self.class_field is not None:
+            if loss.num_classes < 1 or self.class_field not in d.extra_fields or d.text_field is not None:
+                raise ConfigError(f"loss.class_field={self.class_field!r} makes the run class-conditional: set "
+                                  "loss.num_classes >= 1, list the field in data.extra_fields and leave "
+                                  f"data.text_field None (got num_classes={loss.num_classes}, extra_fields="
+                                  f"{d.extra_fields}, text_field={d.text_field!r})")
+            if loss.directions != ("caption_to_image",):
+                raise ConfigError("a class-conditional run generates images from classes: loss.directions must "
+                                  "be ('caption_to_image',)")
+        elif d.text_field is None:
+            raise ConfigError("the vq_ar task is caption-conditional: set data.text_field (e.g. 'caption'), or "
+                              "loss.class_field for a class-conditional run")
         if d.text_add_bos or d.text_add_eos:
             raise ConfigError("the vq_ar task ends the caption with BOI itself: set data.text_add_bos=False and "
                               "data.text_add_eos=False")
@@ -168,12 +208,14 @@ class VQARTask(NextTokenTask):
         self.grid = ae_cfg.model.latent_shape(d.image_size)                      # (h, w)
         self.codes = self.grid[0] * self.grid[1]
         from mmjax.data.pipeline import tokenizer_for
-        self.tokenizer = tokenizer_for(d)
-        self.vocab = ImageTextVocab(self.tokenizer.vocab_size, ae_cfg.model.quantizer.codebook_size)
+        self.tokenizer = None if self.class_field else tokenizer_for(d)
+        self.vocab = ImageTextVocab(self.tokenizer.vocab_size if self.tokenizer else 0,
+                                    ae_cfg.model.quantizer.codebook_size, loss.num_classes if self.class_field else 0)
         if m.vocab_size < self.vocab.size:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is below the {self.vocab.size} ids of text "
-                              f"({self.vocab.text_size}) + BOI, EOI, NULL + {self.vocab.codebook_size} codes")
-        self.cond_len = d.max_text_len
+                              f"({self.vocab.text_size}) + BOI, EOI, NULL + {self.vocab.codebook_size} codes"
+                              + (f" + {self.vocab.num_classes} classes" if self.class_field else ""))
+        self.cond_len = 1 if self.class_field else d.max_text_len
         self.both = len(loss.directions) == 2
         # [caption | BOI | codes], or with both orders [BOI | codes | EOI | caption | EOS] (the longer one)
         self.seq_len = self.cond_len + 1 + self.codes + (2 if self.both else 0)
@@ -255,9 +297,33 @@ class VQARTask(NextTokenTask):
     # ------------------------------------------------------------------ training
     def example_batch(self, batch_size):
         s = self.cfg.data.image_size
-        return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
-                "text_ids": jax.ShapeDtypeStruct((batch_size, self.cond_len), jnp.int32),
-                "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        out = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32)}
+        if self.class_field:
+            return out | {self.class_field: jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        return out | {"text_ids": jax.ShapeDtypeStruct((batch_size, self.cond_len), jnp.int32),
+                      "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def train_iterator(self, *, global_batch_size: int, seed: int):
+        from mmjax.data import pipeline
+        cast = _FieldAsInt32(self.class_field) if self.class_field else None
+        return pipeline.train_iterator(self.cfg.data, global_batch_size=global_batch_size, seed=seed,
+                                       example_transform=cast)
+
+    def check_batch(self, batch, step):
+        super().check_batch(batch, step)
+        if self.class_field:
+            k = np.asarray(batch[self.class_field])
+            if k.size and (k.min() < 0 or k.max() >= self.vocab.num_classes):
+                raise ValueError(f"batch for step {step}: {self.class_field!r} holds classes outside "
+                                 f"[0, {self.vocab.num_classes}) (min {k.min()}, max {k.max()}): raise "
+                                 "loss.num_classes")
+
+    def condition(self, batch):
+        """(text_ids [B, Lc], text_len [B]) of a batch: the caption, or the one class token CLASS_k."""
+        if self.class_field:
+            k = jnp.asarray(batch[self.class_field]).astype(jnp.int32)
+            return (k + self.vocab.class_offset)[:, None], jnp.ones_like(k)
+        return batch["text_ids"], batch["text_len"]
 
     def init_params(self, rng):
         return self.model.init(rng, jnp.zeros((1, self.seq_len - 1), jnp.int32),
@@ -277,7 +343,7 @@ class VQARTask(NextTokenTask):
         if drop is None:
             drop = (jax.random.bernoulli(jax.random.fold_in(rng, 1), self.cfg.loss.cond_dropout, (b,))
                     if train and rng is not None else jnp.zeros((b,), bool))
-        text_ids, text_len = batch["text_ids"], batch["text_len"]
+        text_ids, text_len = self.condition(batch)
         if direction == "mixed" and not self.both:
             direction = self.cfg.loss.directions[0]
         parts, pos = [], []
@@ -369,10 +435,22 @@ class VQARTask(NextTokenTask):
         p = self.ae_params if tok_params is None else tok_params
         return np.asarray(jnp.clip(self._detok(p, jnp.asarray(codes)), -1.0, 1.0))
 
-    def sample(self, params, captions: list[str], *, rng, cfg_scale=None, temperature=1.0, top_k=None,
+    def condition_ids(self, conditions) -> list[list[int]]:
+        """Caption strings (or class ids, class-conditional) → the condition's token ids per row."""
+        if self.class_field:
+            bad = [k for k in conditions if not 0 <= int(k) < self.vocab.num_classes]
+            if bad:
+                raise ValueError(f"classes {bad} are outside [0, {self.vocab.num_classes}) "
+                                 f"(this run's {self.class_field!r} classes)")
+            return [[self.vocab.class_offset + int(k)] for k in conditions]
+        if any(not isinstance(c, str) for c in conditions):
+            raise ValueError("this run is caption-conditional: give captions (strings), not classes")
+        return [self.tokenizer.encode(c) for c in conditions]
+
+    def sample(self, params, conditions: list, *, rng, cfg_scale=None, temperature=1.0, top_k=None,
                top_p=None, mesh=None) -> np.ndarray:
-        """Images [B, H, W, 3] in [−1, 1] generated for caption strings."""
-        ids = [self.tokenizer.encode(c) for c in captions]
+        """Images [B, H, W, 3] in [−1, 1] generated for caption strings (class ids: class-conditional)."""
+        ids = self.condition_ids(conditions)
         return self.decode_codes(self.sample_codes(params, ids, rng=rng, cfg_scale=cfg_scale, temperature=temperature,
                                                    top_k=top_k, top_p=top_p, mesh=mesh))
 
@@ -406,22 +484,30 @@ class VQARTask(NextTokenTask):
         """The first n examples of a split: caption id lists, real images, label fields, caption strings."""
         from mmjax.data import pipeline
         from mmjax.evals.probe import LABEL_FIELDS
-        ids, images, labels, texts = [], [], {k: [] for k in LABEL_FIELDS}, []
+        fields = tuple(dict.fromkeys(LABEL_FIELDS + ((self.class_field,) if self.class_field else ())))
+        fields = tuple(k for k in fields if k in self.cfg.data.extra_fields)
+        ids, images, labels, texts = [], [], {k: [] for k in fields}, []
         for batch in pipeline.eval_batches(self.cfg.data, split=split, global_batch_size=min(n, 500),
-                                           keep_fields=LABEL_FIELDS):
+                                           keep_fields=fields):
             keep = np.asarray(batch["mask"], bool)
             for row in np.nonzero(keep)[0]:
-                ids.append(np.asarray(batch["text_ids"][row][: batch["text_len"][row]]))
+                if self.class_field:
+                    k = int(batch[self.class_field][row])
+                    ids.append(np.asarray([self.vocab.class_offset + k], np.int32))
+                    texts.append(f"{self.class_field} {k}")
+                else:
+                    ids.append(np.asarray(batch["text_ids"][row][: batch["text_len"][row]]))
+                    texts.append(self.tokenizer.decode(ids[-1]))
                 images.append(np.asarray(batch["image"][row]))
-                for k in LABEL_FIELDS:
+                for k in fields:
                     labels[k].append(np.asarray(batch[k][row]))
-                texts.append(self.tokenizer.decode(ids[-1]))
             if len(ids) >= n:
                 break
         return ids[:n], np.stack(images[:n]), {k: np.stack(v[:n]) for k, v in labels.items()}, texts[:n]
 
     def score_samples(self, params, split: str, cfg_scale, *, extra=None, mesh=None) -> dict[str, float]:
-        """Probe accuracy, FD-probe and KID-probe of images generated for the split's first captions."""
+        """Probe accuracy, FD-probe and KID-probe of images generated for the split's first captions
+        (class-conditional: the accuracy of the attribute the class fixes, when the probe reads it)."""
         from mmjax.evals.images import frechet_distance, kid
         c = self.cfg.loss
         ids, real, labels, _ = self.prompt_set(split, c.eval_prompts)
@@ -433,7 +519,10 @@ class VQARTask(NextTokenTask):
         if c.probe:
             probe = self.probe()
             acc = probe.attribute_accuracy(images, labels)
-            out |= {f"probe_{k}": float(acc[k]) for k in PROBE_ATTRIBUTES}
+            if not self.class_field:
+                out |= {f"probe_{k}": float(acc[k]) for k in PROBE_ATTRIBUTES}
+            elif self.class_field in CLASS_PROBE_ATTRIBUTE:
+                out["class_accuracy"] = float(acc[CLASS_PROBE_ATTRIBUTE[self.class_field]])
             f_gen, f_real = probe.features(images), probe.features(real)
             out["fd_probe"] = float(frechet_distance(f_gen, f_real))
             out["kid_probe"] = float(kid(f_gen, f_real)[0])
@@ -500,4 +589,4 @@ class VQARTask(NextTokenTask):
         path.with_suffix(".txt").write_text("".join(f"{i}: {t}\n" for i, t in enumerate(texts)))
 
 
-__all__ = ["ImageTextVocab", "VQARLossConfig", "VQARTask", "load_vq_tokenizer"]
+__all__ = ["CLASS_PROBE_ATTRIBUTE", "ImageTextVocab", "VQARLossConfig", "VQARTask", "load_vq_tokenizer"]
