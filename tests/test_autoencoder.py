@@ -355,33 +355,3 @@ def test_forward_flops(kl):
     cost = _forward.lower(kl["model"], kl["variables"], kl["x"], None).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     assert 0.85 < cost["flops"] / (2 * forward_flops(kl["model"].config, 16)) < 1.0
-
-
-def test_local_encoder_codes_see_only_their_neighbourhood():
-    """taming's encoder (GroupNorm over the image, mid attention) lets a far pixel move every latent;
-    local_encoder=True keeps a latent a function of the pixels within its convs' reach."""
-    base = dict(kind="vq", channels=8, channel_mults=(1, 2), blocks_per_level=1, norm_groups=1, latent_channels=4,
-                image_size=32, quantizer=QuantizerConfig(codebook_size=16, code_dim=4))
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
-    far = x.copy()
-    far[0, 28:, 28:] *= -1.0  # the bottom-right corner, 28+ px from the top-left latent's 2×2 patch
-    for local in (False, True):
-        model = Autoencoder(AutoencoderConfig(**base, local_encoder=local))
-        variables = model.init(jax.random.key(0), x)
-        enc = lambda im, m=model, v=variables: np.asarray(m.apply(v, im, method=m.encode))
-        a, b = enc(x), enc(far)
-        if local:
-            # the top-left latent is untouched (receptive field 37 px: ±18 around its patch); the
-            # bottom-right one moves, so the perturbation reaches the encoder at all
-            np.testing.assert_array_equal(a[0, 0, 0], b[0, 0, 0])
-            assert np.abs(a[0, -1, -1] - b[0, -1, -1]).max() > 1e-3
-            assert "attn" not in variables["params"]["encoder"]["mid"]
-        else:
-            assert np.abs(a[0, 0, 0] - b[0, 0, 0]).max() > 1e-4
-    with pytest.raises(ValueError, match="local_encoder=True with attn_levels"):
-        AutoencoderConfig(**base, local_encoder=True, attn_levels=(1,))
-    # FLOPs: the local encoder drops the encoder's mid attention only (the decoder keeps its own)
-    n, ch = 16 * 16, 16  # the 16×16 latent grid at the top level's 16 channels
-    attn = 4 * 2.0 * n * ch * ch + 2 * 2.0 * n * n * ch
-    assert forward_flops(AutoencoderConfig(**base), 32) - forward_flops(
-        AutoencoderConfig(**base, local_encoder=True), 32) == attn

@@ -216,15 +216,6 @@ def test_config_refused_by_name(vq_files, changes, message):
         from_hf({**vq_files["config"], **changes}, vq_files["tensors"])
 
 
-def test_local_encoder_is_not_exported_as_diffusers():
-    from mmjax.convert.diffusers_ae import config_to_diffusers
-    from mmjax.models.autoencoder import AutoencoderConfig
-    cfg = AutoencoderConfig(kind="vq", channels=32, channel_mults=(1, 2), blocks_per_level=1, latent_channels=4,
-                            norm_eps=1e-6, local_encoder=True)
-    with pytest.raises(ConversionError, match=r"local_encoder=True \(diffusers' encoder normalises over the image"):
-        config_to_diffusers(cfg)
-
-
 def test_kl_config_refusals_and_options(vq_files):
     base = {**CASES["kl"][1], "_class_name": "AutoencoderKL"}
     base = {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}

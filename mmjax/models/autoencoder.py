@@ -9,11 +9,6 @@ The network of taming-transformers and diffusers, NHWC:
     decoder: conv_in 3×3 → mid → levels L-1..0 (blocks_per_level + 1 ResnetBlocks [+ attention],
              Upsample ×2 except at level 0) → GroupNorm → swish → conv_out 3×3
 
-`local_encoder` (not taming's): the encoder's norms take their statistics per position (over the
-channels of a group, not over the image) and it has no mid attention, so a code depends on the
-pixels within its convs' reach only, not on the whole image; taming's codes carry image-wide
-context, and an AR model over them must predict that context too (docs/generation.md).
-
 An image [B, H, W, C] becomes a latent grid [B, H/f, W/f, ·] with f = 2^(L−1). The VQ model turns
 it into token ids [B, h, w]; the KL model into a Gaussian with mean and (clamped) log-variance.
 
@@ -56,7 +51,6 @@ class AutoencoderConfig:
     blocks_per_level: int = 2  # encoder ResnetBlocks per level; the decoder has one more
     attn_levels: tuple[int, ...] = ()  # levels (0 = highest resolution) whose blocks are followed by attention
     mid_attention: bool = True
-    local_encoder: bool = False  # encoder norms per position and no encoder mid attention (module docstring)
     latent_channels: int = 8  # encoder output channels (z); KL: the encoder outputs 2× (mean, logvar)
     norm_groups: int = 32
     norm_eps: float = 1e-6
@@ -82,9 +76,6 @@ class AutoencoderConfig:
         if bad_levels or len(set(self.attn_levels)) != len(self.attn_levels):
             problems.append(f"attn_levels={self.attn_levels} must be distinct levels in "
                             f"0..{len(self.channel_mults) - 1}")
-        if self.local_encoder and self.attn_levels:
-            problems.append(f"local_encoder=True with attn_levels={self.attn_levels}: attention would mix the "
-                            "whole image into every code")
         if self.norm_groups >= 1:
             if self.channels % self.norm_groups:
                 problems.append(f"channels={self.channels} (conv_in output) is not divisible by "
@@ -191,12 +182,10 @@ class Dense(nn.Module):
 
 class GroupNorm(nn.Module):
     """GroupNorm over channels-last x [B, H, W, C]: C split into `groups` groups, each normalised over
-    (H, W, C/groups) with float32 statistics (per position, over C/groups only, when not `spatial`),
-    then a per-channel scale and bias."""
+    (H, W, C/groups) with float32 statistics, then a per-channel scale and bias."""
 
     groups: int
     eps: float = 1e-6
-    spatial: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -209,13 +198,7 @@ class GroupNorm(nn.Module):
                            self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,),
                           self.param_dtype)
-        if self.spatial:
-            y = normalize_channels_last(x, self.groups, self.eps)
-        else:
-            g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-            mean = jnp.mean(g, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(g - mean), axis=-1, keepdims=True)
-            y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        y = normalize_channels_last(x, self.groups, self.eps)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -229,14 +212,13 @@ class ResnetBlock(nn.Module):
     eps: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    spatial_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = swish(GroupNorm(self.groups, self.eps, self.spatial_norm, name="norm1", **kw)(x))
+        h = swish(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
         h = Conv(self.features, 3, name="conv1", **kw)(h)
-        h = swish(GroupNorm(self.groups, self.eps, self.spatial_norm, name="norm2", **kw)(h))
+        h = swish(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
         h = Conv(self.features, 3, name="conv2", **kw)(h)
         if x.shape[-1] != self.features:
             x = Conv(self.features, 1, name="conv_shortcut", **kw)(x)
@@ -298,14 +280,13 @@ class MidBlock(nn.Module):
     attention: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    spatial_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, spatial_norm=self.spatial_norm)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = ResnetBlock(self.features, self.groups, self.eps, name="block_0", **kw)(x)
         if self.attention:
-            x = AttnBlock(self.groups, self.eps, name="attn", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+            x = AttnBlock(self.groups, self.eps, name="attn", **kw)(x)
         return ResnetBlock(self.features, self.groups, self.eps, name="block_1", **kw)(x)
 
 
@@ -321,14 +302,12 @@ class Level(nn.Module):
     resample: Literal["down", "up"] | None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    spatial_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_blocks):
-            x = ResnetBlock(self.features, self.groups, self.eps, name=f"block_{j}", spatial_norm=self.spatial_norm,
-                            **kw)(x)
+            x = ResnetBlock(self.features, self.groups, self.eps, name=f"block_{j}", **kw)(x)
             if self.attention:
                 x = AttnBlock(self.groups, self.eps, name=f"attn_{j}", **kw)(x)
         if self.resample == "down":
@@ -348,16 +327,14 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         kw = dict(dtype=to_dtype(c.dtype), param_dtype=to_dtype(c.param_dtype))
-        spatial = not c.local_encoder
         x = Conv(c.channels, 3, name="conv_in", **kw)(x)
         for i, width in enumerate(c.level_channels):
             last = i == c.num_levels - 1
             x = Level(width, c.blocks_per_level, c.norm_groups, c.norm_eps, i in c.attn_levels,
-                      None if last else "down", name=f"down_{i}", spatial_norm=spatial, **kw)(x)
+                      None if last else "down", name=f"down_{i}", **kw)(x)
             x = constrain(x, IMAGE_AXES)
-        x = MidBlock(c.level_channels[-1], c.norm_groups, c.norm_eps, c.mid_attention and spatial, name="mid",
-                     spatial_norm=spatial, **kw)(x)
-        x = swish(GroupNorm(c.norm_groups, c.norm_eps, spatial, name="norm_out", **kw)(x))
+        x = MidBlock(c.level_channels[-1], c.norm_groups, c.norm_eps, c.mid_attention, name="mid", **kw)(x)
+        x = swish(GroupNorm(c.norm_groups, c.norm_eps, name="norm_out", **kw)(x))
         return Conv(self.out_channels, 3, name="conv_out", **kw)(x)
 
 
@@ -550,7 +527,7 @@ def forward_flops(config: AutoencoderConfig, image_size: int) -> float:
     top = c.level_channels[-1]
     mid = 2 * resnet(s, top, top) + (attn(s, top) if c.mid_attention else 0)
     z_ch = c.latent_channels * (1 if c.kind == "vq" else 2)
-    total += mid - (attn(s, top) if c.mid_attention and c.local_encoder else 0) + conv(s, 3, top, z_ch)
+    total += mid + conv(s, 3, top, z_ch)
     total += conv(s, 1, z_ch, c.code_dim if c.kind == "vq" else z_ch)
     if c.kind == "vq":
         total += 2.0 * s * s * c.quantizer.codebook_size * c.quantizer.code_dim
