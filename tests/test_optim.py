@@ -21,6 +21,15 @@ def test_schedules_match_formulas():
     assert float(lin(25)) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="warmup_steps=10 must be below"):
         make_schedule(OptimConfig(warmup_steps=10), 10)
+    # warmup-stable-decay: 10 warm-up steps, constant to step 80, then linear to 0.1 at step 110
+    wsd = make_schedule(OptimConfig(peak_lr=1.0, warmup_steps=10, schedule="constant", cooldown_steps=30,
+                                    end_lr_ratio=0.1), 110)
+    assert float(wsd(5)) == pytest.approx(0.5) and float(wsd(80)) == pytest.approx(1.0)
+    assert float(wsd(95)) == pytest.approx(1.0 - 0.9 * 15 / 30) and float(wsd(110)) == pytest.approx(0.1)
+    for bad in (OptimConfig(schedule="cosine", cooldown_steps=5), OptimConfig(schedule="constant", warmup_steps=10,
+                                                                               cooldown_steps=95)):
+        with pytest.raises(ValueError, match="cooldown_steps=.* needs schedule='constant' and must fit"):
+            make_schedule(bad, 100)
 
 
 def test_paths():

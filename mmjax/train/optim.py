@@ -23,6 +23,9 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     end_lr_ratio: float = 0.0  # the decayed lr at the last step, as a fraction of peak_lr
+    # "constant" only: a linear decay to end_lr_ratio · peak_lr over the last cooldown_steps
+    # (warmup-stable-decay, MiniCPM's WSD: the rate stays high until late, then anneals)
+    cooldown_steps: int = 0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -48,12 +51,20 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if cfg.warmup_steps >= total_steps and cfg.schedule != "constant":
         raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be below the {total_steps} total steps "
                           "(train.steps); lower the warm-up or train longer")
+    if cfg.cooldown_steps and (cfg.schedule != "constant" or cfg.cooldown_steps < 0
+                               or cfg.warmup_steps + cfg.cooldown_steps > total_steps):
+        raise ConfigError(f"optim.cooldown_steps={cfg.cooldown_steps} needs schedule='constant' and must fit after "
+                          f"the {cfg.warmup_steps} warm-up steps in the {total_steps} total steps")
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     end = cfg.peak_lr * cfg.end_lr_ratio
     if cfg.schedule == "cosine":
         decay = optax.cosine_decay_schedule(cfg.peak_lr, decay_steps, alpha=cfg.end_lr_ratio)
     elif cfg.schedule == "linear":
         decay = optax.linear_schedule(cfg.peak_lr, end, decay_steps)
+    elif cfg.cooldown_steps:
+        decay = optax.join_schedules([optax.constant_schedule(cfg.peak_lr),
+                                      optax.linear_schedule(cfg.peak_lr, end, cfg.cooldown_steps)],
+                                     [decay_steps - cfg.cooldown_steps])
     else:
         decay = optax.constant_schedule(cfg.peak_lr)
     if cfg.warmup_steps == 0:
