@@ -23,5 +23,5 @@ def get_config():
         loss=dataclasses.replace(cfg.loss, sequence="caption", max_len=80, eval_max_len=None, max_answer_tokens=44,
                                  answer_position=None),
         # As measured (docs/vlm.md): 1,500 steps, cosine; the VQA recipe's constant 2,000 is untried here.
-        optim=dataclasses.replace(cfg.optim, schedule="cosine", end_lr_ratio=0.05),
-        train=dataclasses.replace(cfg.train, steps=1500, eval_batch_size=250))
+        optim=dataclasses.replace(cfg.optim, schedule="cosine", end_lr_ratio=0.05, cooldown_steps=0),
+        train=dataclasses.replace(cfg.train, steps=1500, batch_size=64, eval_batch_size=250))

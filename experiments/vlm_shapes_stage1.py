@@ -22,5 +22,5 @@ def get_config():
         cfg, name="vlm_shapes_stage1",
         init_from=(("vision", "runs/clip_shapes"), ("lm", "runs/lm_captions")),
         optim=dataclasses.replace(cfg.optim, peak_lr=1e-3, weight_decay=0.0, freeze=(r"vision/.*", r"lm/.*"),
-                                  schedule="cosine", end_lr_ratio=0.05),
-        train=dataclasses.replace(cfg.train, steps=500, eval_every=0, checkpoint_every=0))
+                                  schedule="cosine", end_lr_ratio=0.05, cooldown_steps=0),
+        train=dataclasses.replace(cfg.train, steps=500, batch_size=64, eval_every=0, checkpoint_every=0))

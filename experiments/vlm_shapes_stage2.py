@@ -17,5 +17,5 @@ def get_config():
         cfg, name="vlm_shapes_stage2",
         init_from=(("", "runs/vlm_shapes_stage1"),),
         optim=dataclasses.replace(cfg.optim, peak_lr=3e-4, freeze=(r"vision/.*",), schedule="cosine",
-                                  end_lr_ratio=0.05),
-        train=dataclasses.replace(cfg.train, steps=1000))
+                                  end_lr_ratio=0.05, cooldown_steps=0),
+        train=dataclasses.replace(cfg.train, steps=1000, batch_size=64))

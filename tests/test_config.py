@@ -53,11 +53,14 @@ def test_json_round_trip_is_strict(cfg):
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("experiments").glob("*.py")))
 def test_every_experiment_config_loads_and_round_trips(path):
-    """Each shipped experiment builds, validates against its task, and survives the JSON round trip
-    that a resumed run relies on (config.json in the workdir)."""
+    """Each shipped experiment builds, validates against its task, survives the JSON round trip
+    that a resumed run relies on (config.json in the workdir) and has a schedule that fits its steps."""
     import json
 
     from mmjax.experiment import validate
     c = validate(load_experiment(path))
     assert c.name == Path(path).stem
     assert from_json(json.loads(json.dumps(to_dict(c)))) == c
+    # and its learning-rate schedule fits its steps (warm-up and cool-down inside train.steps)
+    from mmjax.train.optim import make_schedule
+    make_schedule(c.optim, c.train.steps)
