@@ -58,8 +58,8 @@ def get_config() -> ExperimentConfig:
                         value_range="symmetric", text_field="caption", tokenizer="bpe:shapes:512",
                         max_text_len=CAPTION_SLOTS, text_add_bos=False, text_add_eos=False,
                         on_long_text="error", extra_fields=LABEL_FIELDS),
-        optim=OptimConfig(name="adamw", peak_lr=2e-3, warmup_steps=50, schedule="constant",
+        optim=OptimConfig(name="adamw", peak_lr=2e-3, warmup_steps=50, schedule="constant", cooldown_steps=900,
                           b2=0.98, weight_decay=0.05, grad_clip_norm=1.0),
-        train=TrainConfig(steps=2300, batch_size=64, eval_batch_size=500, log_every=50, eval_every=0,
-                          checkpoint_every=1150, keep_checkpoints=1),
+        train=TrainConfig(steps=4400, batch_size=32, eval_batch_size=500, log_every=50, eval_every=0,
+                          checkpoint_every=1100, keep_checkpoints=1),
     )

@@ -8,7 +8,8 @@ vq_ar_shapes' model and sampler with one class token as the condition instead of
 [CLASS_k | BOI | 64 codes], k = the scene's number of objects (1..3; class 0 exists in the
 vocabulary and is never trained), dropped to NULL 10% of the time for classifier-free guidance.
 The probe scores a sample right when it counts k objects in it (`class_accuracy`); FD-probe and
-KID-probe against the real images of the same classes, as for captions. 1,000 steps of 64.
+KID-probe against the real images of the same classes, as for captions. 2,000 steps of 32, the
+last 400 cooling down.
 """
 
 import dataclasses
@@ -28,4 +29,5 @@ def get_config() -> ExperimentConfig:
         loss=dataclasses.replace(cfg.loss, class_field="num_objects", num_classes=4, eval_splits=(),
                                  cfg_sweep=(3.0,)),
         data=dataclasses.replace(cfg.data, text_field=None),
-        train=dataclasses.replace(cfg.train, steps=1000, checkpoint_every=500))
+        optim=dataclasses.replace(cfg.optim, cooldown_steps=400),
+        train=dataclasses.replace(cfg.train, steps=2000, checkpoint_every=1000))
