@@ -13,19 +13,20 @@ match "top left" to itself; docs/generation.md) and a zero-initialised head; the
 codes only; 10% of captions are dropped to NULL for classifier-free guidance.
 
 Sampling is pinned here: CFG scale 1.5 on the logits (the best of the sweep 1 / 1.5 / 3 / 5), then
-temperature 1 and top-k 64, inside the one on-device decode loop. 2,300 steps of 64 at a constant
-2e-3: the model ties words to cells late (after step 1,150 in the measured run), as the VLM did.
-Evaluated on the first 500 captions of `test` and `test_novel` (held-out colour-shape pairs):
-images generated with and without CFG (and at the scales of the sweep on test), decoded by the
-tokenizer, read back by the shapes probe against the scene each caption describes; FD-probe and
-KID-probe against the real images of those captions.
+temperature 1 and top-k 64, inside the one on-device decode loop. 4,400 steps of 32 at a constant
+2e-3, the last 900 cooling down linearly to 0 (warmup-stable-decay): the model ties words to cells
+late, as the VLM does, so the rate stays up until then and anneals after; batch 32 gets there on
+fewer examples than 64 (docs/generation.md). Evaluated on the first 500 captions of `test` and
+`test_novel` (held-out colour-shape pairs): images generated with and without CFG (and at the
+scales of the sweep on test), decoded by the tokenizer, read back by the shapes probe against the
+scene each caption describes; FD-probe and KID-probe against the real images of those captions.
 
-Measured (2-core EPYC, 2026-12-06, 21 min 23 s in all, alone; a first run, partly shared with the
-test suite, gave the same figures to the last digit):
-test NLL 1.806 nats per code (NULL condition: 2.188), 0.0543 bits/dim; with CFG 1.5 the probe
-reads colour 54.5%, shape 40.4%, size 72.4%, position 59.2%, count 72.4% (a generator ignoring
-the caption: 12.7 / 4.5 / 48.5 / 2.0 / 34.0%); on test_novel colour 50.1%, shape 26.0%.
-docs/generation.md has the sweep and the trials.
+Measured (2-core EPYC, 2026-12-07, 23.0 min in all, alone): test NLL 1.508 nats per code (NULL
+condition: 1.969), 0.0453 bits/dim; with CFG 1.5 the probe reads colour 66.0%, shape 51.6%, size
+80.2%, position 80.8%, count 87.8% (a generator ignoring the caption: 12.7 / 4.5 / 48.5 / 2.0 /
+34.0%); without CFG 61.8 / 46.9 / 76.4 / 77.2 / 87.6%; on test_novel colour 59.2%, shape 34.4%.
+The recipe of 2026-12-06 (2,300 steps of 64, constant): 54.5 / 40.4 / 72.4 / 59.2 / 72.4%.
+docs/generation.md has the sweep, the trials and what limits the shapes (the codes' context).
 """
 
 from mmjax.data.config import DataConfig
