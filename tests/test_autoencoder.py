@@ -355,3 +355,45 @@ def test_forward_flops(kl):
     cost = _forward.lower(kl["model"], kl["variables"], kl["x"], None).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     assert 0.85 < cost["flops"] / (2 * forward_flops(kl["model"].config, 16)) < 1.0
+
+
+def test_patch_encoder_codes_see_their_own_patch_only():
+    """taming's encoder lets a pixel far away move every latent; encoder="patch" keeps latent (i, j) a
+    function of pixel patch (i, j): a change anywhere else leaves it bit for bit, a change inside moves it."""
+    base = dict(kind="vq", channels=8, channel_mults=(1, 2, 4), blocks_per_level=2, norm_groups=1, latent_channels=4,
+                image_size=16, quantizer=QuantizerConfig(codebook_size=16, code_dim=4))
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+    outside = x.copy()
+    outside[0, 4:, :] *= -1.0  # every row below the top row of 4×4 patches
+    outside[0, :4, 4:] *= -1.0  # and the top row right of patch (0, 0)
+    inside = x.copy()
+    inside[0, 3, 3] *= -1.0  # one pixel of patch (0, 0)
+    for kind in ("conv", "patch"):
+        model = Autoencoder(AutoencoderConfig(**base, encoder=kind))
+        variables = model.init(jax.random.key(0), x)
+        enc = lambda im, m=model, v=variables: np.asarray(m.apply(v, im, method=m.encode))
+        z, z_out, z_in = enc(x), enc(outside), enc(inside)
+        assert z.shape == (1, 4, 4, 4)
+        if kind == "patch":
+            np.testing.assert_array_equal(z[0, 0, 0], z_out[0, 0, 0])
+            np.testing.assert_array_equal(z[0, 1:], enc(inside)[0, 1:])  # the other patches ignore the pixel
+            assert np.abs(z[0, 0, 0] - z_in[0, 0, 0]).max() > 1e-4
+            assert set(variables["params"]["encoder"]) == {"conv_in", "block_0_norm", "block_0_fc1", "block_0_fc2",
+                                                           "block_1_norm", "block_1_fc1", "block_1_fc2", "norm_out",
+                                                           "conv_out"}
+        else:
+            assert np.abs(z[0, 0, 0] - z_out[0, 0, 0]).max() > 1e-4
+    with pytest.raises(ValueError, match="encoder='mlp' must be 'conv' or 'patch'"):
+        AutoencoderConfig(**base, encoder="mlp")
+    # FLOPs by hand: the patch encoder (patchify 4×4×3 → 32, two MLPs 32 → 128 → 32, 1×1 conv 32 → 4)
+    # replaces taming's encoder (conv_in, levels of 8/16/32 channels at 16/8/4 px, mid with attention,
+    # conv_out); the rest of the model is the same
+    conv = lambda s, k, cin, cout: 2 * s * s * k * k * cin * cout
+    resnet = lambda s, cin, cout: conv(s, 3, cin, cout) + conv(s, 3, cout, cout) + (conv(s, 1, cin, cout)
+                                                                                     if cin != cout else 0)
+    patch = conv(4, 4, 3, 32) + 2 * 2 * conv(4, 1, 32, 128) + conv(4, 1, 32, 4)
+    taming = (conv(16, 3, 3, 8) + 2 * resnet(16, 8, 8) + conv(8, 3, 8, 8)
+              + resnet(8, 8, 16) + resnet(8, 16, 16) + conv(4, 3, 16, 16) + resnet(4, 16, 32) + resnet(4, 32, 32)
+              + 2 * resnet(4, 32, 32) + 4 * 2 * 16 * 32 * 32 + 2 * 2 * 16 * 16 * 32 + conv(4, 3, 32, 4))
+    conv_cfg, patch_cfg = AutoencoderConfig(**base), AutoencoderConfig(**base, encoder="patch")
+    assert forward_flops(conv_cfg, 16) - taming == forward_flops(patch_cfg, 16) - patch

@@ -25,6 +25,9 @@ from mmjax.train.loop import create_sharded_state
 from mmjax.train.optim import OptimConfig, make_optimizer, param_paths
 from mmjax.train.step import jit_train_step, make_train_step
 
+# One worker builds this module's trained-run fixtures once (the suite runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("vlm_task")
+
 IMAGE_ID = vlm_tokenizer("bytes").token_to_id("<image>")  # 259: bytes + bos/eos/pad, then <image>
 MAX_LEN = 72  # bos + 4 placeholders + the longest question in bytes + answer + eos
 
@@ -170,6 +173,27 @@ def test_vqa_turns_trains_long_mixed_sequences_and_scores_single_questions(shape
     assert train["ids"].shape == (8, MAX_LEN)
     ev = next(iter(task.eval_batches("test")))
     assert ev["ids"].shape == (8, MAX_LEN - 8) and "question_group" in ev
+    # Trained on captions too, so scored on both: captions in training-length sequences, prompted by
+    # the caption prompt alone, generated for caption_tokens and parsed against the scene's labels.
+    assert task.eval_kinds == ("vqa", "caption")
+    cap = next(iter(task.eval_batches("test", kind="caption")))
+    prompt = task.tokenizer.decode(cap["ids"][0, :cap["prefix_len"][0]])
+    assert cap["ids"].shape == (8, MAX_LEN) and prompt == "describe the image.\n" and "shape" in cap
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_answer_tokens=2, caption_tokens=3,
+                                                            eval_max_examples=8))
+    task = VLMTask(cfg)
+    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    with jax.set_mesh(mesh), shd.logical_rules(cfg.mesh.rules):
+        results = task.evaluate(_init(task), {}, mesh)
+    for key in ("loss", "vqa/accuracy", "caption/loss", "caption/token_accuracy", "caption/attribute_accuracy",
+                "caption/parsed"):
+        assert key in results, sorted(results)
+    assert results["vqa/examples"] == 8 and results["caption/examples"] == 8
+    assert results["caption/loss"] != results["loss"]  # two different sets of sequences
+    # Byte tokens: at most one character each. Captions run to caption_tokens, answers to max_answer_tokens.
+    captions = [s.split(" → ")[1] for s in results["caption/samples"]]
+    answers = [s.split(" → ")[1] for s in results["samples"]]
+    assert max(map(len, captions)) == 3 and max(map(len, answers)) <= 2, (captions, answers)
 
 
 @pytest.mark.parametrize("answer_position", [None, 90])

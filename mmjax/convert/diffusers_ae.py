@@ -279,6 +279,7 @@ def config_to_diffusers(cfg: AutoencoderConfig) -> dict:
         (not vq and tuple(cfg.logvar_clamp) != DIFFUSERS_LOGVAR_CLAMP,
          f"logvar_clamp={cfg.logvar_clamp} (diffusers clamps to {DIFFUSERS_LOGVAR_CLAMP})"),
         (vq and cfg.shift_factor is not None, "shift_factor (VQModel has none)"),
+        (cfg.encoder != "conv", f"encoder={cfg.encoder!r} (diffusers has taming's convolutional encoder only)"),
     ) if bad]
     if problems:
         raise ConversionError("this Autoencoder cannot be written as a diffusers "

@@ -9,13 +9,21 @@ The network of taming-transformers and diffusers, NHWC:
     decoder: conv_in 3×3 → mid → levels L-1..0 (blocks_per_level + 1 ResnetBlocks [+ attention],
              Upsample ×2 except at level 0) → GroupNorm → swish → conv_out 3×3
 
+`encoder="patch"` (not taming's): conv_in f×f with stride f (each patch to one vector) →
+blocks_per_level residual MLPs per position (LayerNorm → Dense 4C → swish → Dense C) → LayerNorm →
+swish → conv_out 1×1. A latent is then a function of its own f×f patch of pixels and nothing else, so
+one patch always gets one code; taming's encoder (3×3 convs reaching across a small image, GroupNorm
+statistics and attention over the image) writes the same patch with many codes depending on the rest
+of the image, and an AR model over the codes has to predict that choice too (docs/generation.md).
+The decoder is the same either way.
+
 An image [B, H, W, C] becomes a latent grid [B, H/f, W/f, ·] with f = 2^(L−1). The VQ model turns
 it into token ids [B, h, w]; the KL model into a Gaussian with mean and (clamped) log-variance.
 
 Param tree (level i = resolution H/2^i; the decoder's up_i works at the same resolution as down_i):
 
     encoder/{conv_in, down_{i}/{block_{j}, attn_{j}, downsample}, mid/{block_0, attn, block_1},
-             norm_out, conv_out}
+             norm_out, conv_out}            (encoder="patch": {conv_in, block_{j}_{norm, fc1, fc2}, norm_out, conv_out})
     quant_conv, quantizer/embedding [K, D] (VQ only), post_quant_conv
     decoder/{conv_in, mid/..., up_{i}/{block_{j}, attn_{j}, upsample}, norm_out, conv_out}
 
@@ -32,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.config import config
-from mmjax.layers.norms import normalize_channels_last
+from mmjax.layers.norms import Norm, normalize_channels_last
 from mmjax.layers.transformer import to_dtype
 from mmjax.models.quantizer import QuantizerConfig, VectorQuantizer
 from mmjax.sharding import constrain
@@ -51,6 +59,7 @@ class AutoencoderConfig:
     blocks_per_level: int = 2  # encoder ResnetBlocks per level; the decoder has one more
     attn_levels: tuple[int, ...] = ()  # levels (0 = highest resolution) whose blocks are followed by attention
     mid_attention: bool = True
+    encoder: Literal["conv", "patch"] = "conv"  # "patch": each latent sees its own f×f patch only (module docstring)
     latent_channels: int = 8  # encoder output channels (z); KL: the encoder outputs 2× (mean, logvar)
     norm_groups: int = 32
     norm_eps: float = 1e-6
@@ -66,6 +75,8 @@ class AutoencoderConfig:
         problems = []
         if self.kind not in ("vq", "kl"):
             problems.append(f"kind={self.kind!r} must be 'vq' or 'kl'")
+        if self.encoder not in ("conv", "patch"):
+            problems.append(f"encoder={self.encoder!r} must be 'conv' or 'patch'")
         for name in ("in_channels", "out_channels", "channels", "latent_channels", "norm_groups", "blocks_per_level",
                      "image_size"):
             if getattr(self, name) < 1:
@@ -338,6 +349,26 @@ class Encoder(nn.Module):
         return Conv(self.out_channels, 3, name="conv_out", **kw)(x)
 
 
+class PatchEncoder(nn.Module):
+    """images [B, H, W, C_in] → [B, H/f, W/f, out_channels], latent (i, j) a function of pixel patch (i, j) only."""
+
+    config: AutoencoderConfig
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        f, width = c.downsample_factor, c.level_channels[-1]
+        kw = dict(dtype=to_dtype(c.dtype), param_dtype=to_dtype(c.param_dtype))
+        x = Conv(width, f, stride=f, padding=((0, 0), (0, 0)), name="conv_in", **kw)(x)
+        for j in range(c.blocks_per_level):
+            h = Norm("layernorm", c.norm_eps, name=f"block_{j}_norm", **kw)(x)
+            h = swish(Dense(4 * width, name=f"block_{j}_fc1", **kw)(h))
+            x = constrain(x + Dense(width, name=f"block_{j}_fc2", **kw)(h), IMAGE_AXES)
+        x = swish(Norm("layernorm", c.norm_eps, name="norm_out", **kw)(x))
+        return Conv(self.out_channels, 1, name="conv_out", **kw)(x)
+
+
 class Decoder(nn.Module):
     """latents [B, h, w, C] → images [B, h·f, w·f, out_channels]; `features` stops before conv_out."""
 
@@ -386,7 +417,8 @@ class Autoencoder(nn.Module):
         c = self.config
         kw = dict(dtype=to_dtype(c.dtype), param_dtype=to_dtype(c.param_dtype))
         vq = c.kind == "vq"
-        self.encoder = Encoder(c, c.latent_channels if vq else 2 * c.latent_channels)
+        self.encoder = (PatchEncoder if c.encoder == "patch" else Encoder)(
+            c, c.latent_channels if vq else 2 * c.latent_channels)
         self.quant_conv = Conv(c.code_dim if vq else 2 * c.latent_channels, 1, **kw)
         if vq:
             self.quantizer = VectorQuantizer(c.quantizer, param_dtype=kw["param_dtype"])
@@ -512,22 +544,28 @@ def forward_flops(config: AutoencoderConfig, image_size: int) -> float:
         n = size * size
         return 4 * 2.0 * n * ch * ch + 2 * 2.0 * n * n * ch
 
+    top = c.level_channels[-1]
+    z_ch = c.latent_channels * (1 if c.kind == "vq" else 2)
     # encoder
     s = image_size
-    total += conv(s, 3, c.in_channels, c.channels)
-    cin = c.channels
-    for i, width in enumerate(c.level_channels):
-        for _ in range(c.blocks_per_level):
-            total += resnet(s, cin, width) + (attn(s, width) if i in c.attn_levels else 0)
-            cin = width
-        if i < c.num_levels - 1:
-            s_out = s // 2
-            total += conv(s_out, 3, width, width)
-            s = s_out
-    top = c.level_channels[-1]
+    if c.encoder == "patch":
+        s //= c.downsample_factor
+        f = c.downsample_factor
+        total += conv(s, f, c.in_channels, top) + c.blocks_per_level * 2 * conv(s, 1, top, 4 * top)
+        total += conv(s, 1, top, z_ch)
+    else:
+        total += conv(s, 3, c.in_channels, c.channels)
+        cin = c.channels
+        for i, width in enumerate(c.level_channels):
+            for _ in range(c.blocks_per_level):
+                total += resnet(s, cin, width) + (attn(s, width) if i in c.attn_levels else 0)
+                cin = width
+            if i < c.num_levels - 1:
+                s_out = s // 2
+                total += conv(s_out, 3, width, width)
+                s = s_out
+        total += 2 * resnet(s, top, top) + (attn(s, top) if c.mid_attention else 0) + conv(s, 3, top, z_ch)
     mid = 2 * resnet(s, top, top) + (attn(s, top) if c.mid_attention else 0)
-    z_ch = c.latent_channels * (1 if c.kind == "vq" else 2)
-    total += mid + conv(s, 3, top, z_ch)
     total += conv(s, 1, z_ch, c.code_dim if c.kind == "vq" else z_ch)
     if c.kind == "vq":
         total += 2.0 * s * s * c.quantizer.codebook_size * c.quantizer.code_dim

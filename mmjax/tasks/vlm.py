@@ -58,11 +58,13 @@ class VLMLossConfig:
     max_len: T, the padded sequence length (image block included).
     eval_max_len: T of the evaluation sequences (None: max_len); vqa_turns trains on long sequences
       but is scored one question per prompt, which needs far fewer positions.
-    caption_rate: with vqa_turns, the fraction of training examples that are the caption turn
-      instead (`ShapesToVLM.caption_rate`); evaluation stays VQA.
+    caption_rate: with vqa_turns / vqa_packed, the fraction of training examples that are the caption
+      turn instead (`ShapesToVLM.caption_rate`); the run is then scored on both: VQA as usual, and
+      its captions (the caption prompt alone, at the positions training gave it) under "caption/".
     prompt_template, caption_prompt, system: as `ShapesToVLM` (the template ends the prompt, so the
       answer starts after its separator).
     max_answer_tokens: greedy tokens generated per question at evaluation (eos included).
+    caption_tokens: greedy tokens generated per caption at evaluation (None: max_answer_tokens).
     answer_position: A, the position of every answer's first token (sequences "vqa", "vqa_packed",
       "caption"): the prompt is placed just before it, so each image token lies at one RoPE distance
       from the answer whatever the prompt's length (`mmjax.data.vlm`); None: contiguous positions.
@@ -84,6 +86,7 @@ class VLMLossConfig:
     system: str = ""
     z_loss: float = 0.0
     max_answer_tokens: int = 6
+    caption_tokens: int | None = None
     answer_position: int | None = None
     eval_splits: tuple[str, ...] = ()
     eval_generate: bool = True
@@ -113,16 +116,20 @@ class VLMTask(NextTokenTask):
         if loss.sequence == "vqa_packed" and m.attention != "causal":
             raise ValueError("loss.sequence='vqa_packed' needs model.attention='causal': a prefix-LM would let the "
                              "image attend to every packed question")
-        if loss.max_answer_tokens < 1 or loss.z_loss < 0:
-            raise ValueError("loss.max_answer_tokens must be >= 1 and loss.z_loss >= 0")
-        if loss.max_len - 1 + loss.max_answer_tokens > m.lm.max_len:
-            raise ValueError(f"model.lm.max_len={m.lm.max_len} is below loss.max_len - 1 + loss.max_answer_tokens = "
-                             f"{loss.max_len - 1 + loss.max_answer_tokens} (the inputs, and a prompt plus its "
-                             "generated answer); raise it (RoPE has no table: no param changes)")
-        if loss.answer_position is not None and loss.answer_position + loss.max_answer_tokens > m.lm.max_len:
-            raise ValueError(f"loss.answer_position={loss.answer_position} + "
-                             f"max_answer_tokens={loss.max_answer_tokens} exceeds model.lm.max_len={m.lm.max_len}: "
-                             "generated answers would run past it")
+        # What evaluation scores: the kind of sequence trained on, and captions too when some are.
+        self.eval_kinds = ("caption",) if loss.sequence == "caption" else ("vqa", "caption") if loss.caption_rate \
+            else ("vqa",)
+        self.generate_tokens = {"vqa": loss.max_answer_tokens, "caption": loss.caption_tokens or loss.max_answer_tokens}
+        if loss.max_answer_tokens < 1 or (loss.caption_tokens or 1) < 1 or loss.z_loss < 0:
+            raise ValueError("loss.max_answer_tokens and loss.caption_tokens must be >= 1 and loss.z_loss >= 0")
+        longest = max(self.generate_tokens[k] for k in self.eval_kinds)
+        if loss.max_len - 1 + longest > m.lm.max_len:
+            raise ValueError(f"model.lm.max_len={m.lm.max_len} is below loss.max_len - 1 + {longest} generated tokens "
+                             f"= {loss.max_len - 1 + longest} (the inputs, and a prompt plus its generated answer); "
+                             "raise it (RoPE has no table: no param changes)")
+        if loss.answer_position is not None and loss.answer_position + longest > m.lm.max_len:
+            raise ValueError(f"loss.answer_position={loss.answer_position} + {longest} generated tokens "
+                             f"exceeds model.lm.max_len={m.lm.max_len}: generated answers would run past it")
         self.model = VLM(m)
         specials = ("<image>",) + (MULTICROP_TOKENS if m.multicrop_grid else ())
         from mmjax.data.registry import resolve_tokenizer
@@ -151,9 +158,12 @@ class VLMTask(NextTokenTask):
                                      extra_special_tokens=MULTICROP_TOKENS if m.multicrop_grid else ())
         # vqa_turns trains on every question of a scene at once; it is scored as it is used, one
         # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
-        self.eval_transform = dataclasses.replace(
-            self.transform, max_len=loss.eval_max_len or loss.max_len, caption_rate=0.0,
-            task="vqa" if loss.sequence in ("vqa_turns", "vqa_packed") else loss.sequence)
+        # Captions of a mixed run are scored in sequences as long as training's.
+        self.eval_transforms = {kind: dataclasses.replace(
+            self.transform, caption_rate=0.0, task=kind,
+            max_len=loss.eval_max_len or loss.max_len if kind == self.eval_kinds[0] else loss.max_len)
+            for kind in self.eval_kinds}
+        self.eval_transform = self.eval_transforms[self.eval_kinds[0]]
         self.image_key = "crops" if m.multicrop_grid else "image"
         # Where the image block ends in every sequence: [bos] [system] image (the prompt follows).
         block = image_tokens if isinstance(image_tokens, tuple) else (image_id,) * image_tokens
@@ -161,8 +171,7 @@ class VLMTask(NextTokenTask):
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
         if loss.caption_rate:
             self.raw_fields += ("caption",)
-        if loss.sequence == "caption":
-            self.raw_fields += LABEL_FIELDS  # scoring parsed captions needs the scene's labels
+        self.eval_fields = self.raw_fields + (LABEL_FIELDS if "caption" in self.eval_kinds else ())  # to score captions
 
     # ------------------------------------------------------------------ data
     def train_iterator(self, *, global_batch_size: int, seed: int):
@@ -170,12 +179,13 @@ class VLMTask(NextTokenTask):
         return pipeline.train_iterator(self.cfg.data, global_batch_size=global_batch_size, seed=seed,
                                        example_transform=self.transform, keep_fields=self.raw_fields)
 
-    def eval_batches(self, split: str, global_batch_size: int | None = None):
+    def eval_batches(self, split: str, global_batch_size: int | None = None, kind: str | None = None):
+        """Evaluation batches of `split` as `kind` ("vqa" / "caption"; None: the run's own) sequences."""
         from mmjax.data import pipeline
         return pipeline.eval_batches(self.cfg.data, split=split,
                                      global_batch_size=global_batch_size or self.cfg.train.eval_batch_size,
-                                     example_transform=self.eval_transform,
-                                     keep_fields=tuple(dict.fromkeys(self.raw_fields + ("num_objects",))),  # by count
+                                     example_transform=self.eval_transforms[kind or self.eval_kinds[0]],
+                                     keep_fields=tuple(dict.fromkeys(self.eval_fields + ("num_objects",))),  # by count
                                      transform_seed=self.cfg.loss.eval_seed)
 
     def example_batch(self, batch_size):
@@ -262,11 +272,17 @@ class VLMTask(NextTokenTask):
         results = {}
         for i, split in enumerate((self.cfg.data.eval_split, *self.cfg.loss.eval_splits)):
             prefix = "" if i == 0 else f"{split}/"
-            results.update({prefix + k: v for k, v in self.evaluate_split(params, extra, mesh, split).items()})
+            for kind in self.eval_kinds:
+                out = self.evaluate_split(params, extra, mesh, split, kind)
+                if kind != self.eval_kinds[0]:  # a mixed run's captions: "caption/loss", ...
+                    out = {k if k.startswith(f"{kind}/") else f"{kind}/{k}": v for k, v in out.items()}
+                results.update({prefix + k: v for k, v in out.items()})
         return results
 
-    def evaluate_split(self, params, extra, mesh, split: str) -> dict:
-        """Answer-token perplexity and accuracy, then (eval_generate) generated answers scored."""
+    def evaluate_split(self, params, extra, mesh, split: str, kind: str | None = None) -> dict:
+        """Answer-token perplexity and accuracy on `kind` ("vqa" / "caption"; None: the run's own)
+        sequences, then (eval_generate) generated answers or captions scored."""
+        kind = kind or self.eval_kinds[0]
         from mmjax import sharding as shd
         from mmjax.data import vlm as vdata
         if not hasattr(self, "_eval_step"):
@@ -274,7 +290,7 @@ class VLMTask(NextTokenTask):
         keys = set(self.example_batch(1)) | {"mask"}
         sums: dict[str, float] = {}
         predictions, references, groups, labels, objects = [], [], [], [], []
-        for local in self.eval_batches(split):
+        for local in self.eval_batches(split, kind=kind):
             if self.cfg.loss.eval_max_examples is not None and sums.get("count", 0) >= self.cfg.loss.eval_max_examples:
                 break
             batch = {k: v for k, v in local.items() if k in keys}
@@ -289,11 +305,11 @@ class VLMTask(NextTokenTask):
             # Padding rows answer a copy of a real one: every batch keeps one shape (one compile).
             rows = np.concatenate([real, np.full(len(local["mask"]) - real.size, real[0])])
             answers = self.answer(params, local[self.image_key][rows], local["ids"][rows],
-                                  local["prefix_len"][rows], mesh=mesh)
+                                  local["prefix_len"][rows], max_new_tokens=self.generate_tokens[kind], mesh=mesh)
             predictions += answers[:real.size]
             ids, p, n = local["ids"][real], local["prefix_len"][real], local["length"][real]
             references += [self.tokenizer.decode(ids[r, p[r]:n[r]]) for r in range(len(real))]
-            if self.cfg.loss.sequence == "caption":
+            if kind == "caption":
                 labels += [vdata.labels_of({k: local[k][r] for k in LABEL_FIELDS}) for r in real]
             else:
                 groups += [int(g) for g in local["question_group"][real]]
@@ -302,7 +318,7 @@ class VLMTask(NextTokenTask):
         results = {"loss": sums["nll"] / tokens, "perplexity": math.exp(sums["nll"] / tokens),
                    "token_accuracy": sums["correct"] / tokens, "count": int(sums["count"])}
         if predictions:
-            if self.cfg.loss.sequence == "caption":
+            if kind == "caption":
                 scores = vdata.caption_attribute_accuracy(predictions, labels)
                 results.update({f"caption/{k}": v for k, v in scores.items()})
                 results["caption/attribute_accuracy"] = float(np.mean([scores[a] for a in vdata.CAPTION_ATTRIBUTES]))
