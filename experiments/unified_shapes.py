@@ -18,10 +18,10 @@ to code ids for exactly 64 steps (EOI follows by construction); image → captio
 ids only, greedy, until EOS. Evaluated both ways on `test` and `test_novel`: generated images
 read back by the shapes probe, generated captions parsed back with the dataset's grammar.
 
-Measured (2-core EPYC, 2026-12-06, 2,300 steps in 23 min 33 s): image → caption on 500 test
-scenes colour 51.1%, shape 50.1%, size 77.8%, position 76.2%, count 84.6% (86.2% of captions
-parse); caption → image with CFG 1.5 colour 25.9%, shape 20.0%, position 39.6% (the
-caption-only vq_ar_shapes: 54.5%, 40.4%, 59.2%: each order here sees half the examples).
+Measured (2-core EPYC, 2026-12-06, 2,300 steps in 23 min 33 s, over the conv-encoder tokenizer):
+image → caption on 500 test scenes colour 51.1%, shape 50.1%, size 77.8%, position 76.2%, count
+84.6% (86.2% of captions parse); caption → image with CFG 1.5 colour 25.9%, shape 20.0%, position
+39.6% (the caption-only vq_ar_shapes: 54.5%, 40.4%, 59.2%: each order here sees half the examples).
 """
 
 import dataclasses

@@ -3,8 +3,9 @@ table with the VQ tokenizers.
 
     mmjax train --config experiments/vae_shapes.py --workdir runs/vae_shapes
 
-The same encoder and decoder as experiments/vqgan_shapes.py with a diagonal Gaussian posterior
-(mean and clamped log-variance, AutoencoderKL's head), trained on the ELBO with an L2 likelihood:
+Taming's conv encoder (`model_config` in experiments/vqgan_shapes.py, as measured) and the VQ-GAN's
+decoder, with a diagonal Gaussian posterior (mean and clamped log-variance, AutoencoderKL's head),
+trained on the ELBO with an L2 likelihood:
 mean (x − x̂)² + β_KL · KL(q(z|x) ‖ N(0, I)) / (H·W·C). β_KL weighs nats per pixel dimension against
 the squared error; the default keeps reconstructions sharp enough for the probe while the prior
 samples (images/prior_*.png) still show scene-like structure. Same metrics and grids.

@@ -53,8 +53,8 @@ STEPS = 2000
 def model_config(kind: str = "vq", encoder: str = "conv") -> AutoencoderConfig:
     """The encoder/decoder the three tokenizer experiments share (f = 4 at 32 px: an 8×8 latent grid)."""
     return AutoencoderConfig(
-        kind=kind, encoder=encoder, channels=16, channel_mults=(1, 2, 4), blocks_per_level=1, norm_groups=1, image_size=32,
-        latent_channels=8 if kind == "vq" else 4,
+        kind=kind, encoder=encoder, channels=16, channel_mults=(1, 2, 4), blocks_per_level=1, norm_groups=1,
+        image_size=32, latent_channels=8 if kind == "vq" else 4,
         quantizer=QuantizerConfig(codebook_size=512, code_dim=8, l2_normalize=True, beta=0.25,
                                   dead_code_threshold=0.5, usage_decay=0.99))
 
