@@ -4,7 +4,12 @@ size and position per labelled object, on test and test_novel).
 
     mmjax train --config experiments/vlm_shapes_caption.py --workdir runs/vlm_shapes_caption
 
-The model, the tower and LM it starts from and the optimizer are vlm_shapes.py's.
+The model, the tower and LM it starts from, the optimizer and the schedule are vlm_shapes.py's
+(batch 32, 2,500 steps, constant 5e-4 cooling down over the last 500).
+
+Measured (2-core EPYC, 2026-12-07, 11.5 min in all, alone): 74.7% attribute accuracy on all 2,000
+test scenes (shape 71.9, colour 72.0, size 82.8, position 72.1, count 90.4%; 89.4% of the captions
+parse), 69.5% on test_novel. The errors are attributes swapped between objects (docs/vlm.md).
 """
 
 import dataclasses
@@ -16,12 +21,10 @@ BASE = runpy.run_path(str(Path(__file__).with_name("vlm_shapes.py")))
 
 def get_config():
     cfg = BASE["get_config"]()
-    # bos + 16 image tokens + prompt + caption (≤ 42 BPE tokens in 1,000 train scenes) + eos; 64 cut
-    # 13.6% of them (the README's figure was measured so: --config.loss.max_len=64).
+    # bos + 16 image tokens + prompt + caption (≤ 42 BPE tokens in 1,000 train scenes) + eos: 80 cuts
+    # none (64 cut 13.6% of them).
     return dataclasses.replace(
         cfg, name="vlm_shapes_caption",
         loss=dataclasses.replace(cfg.loss, sequence="caption", max_len=80, eval_max_len=None, max_answer_tokens=44,
                                  answer_position=None),
-        # As measured (docs/vlm.md): 1,500 steps, cosine; the VQA recipe's constant 2,000 is untried here.
-        optim=dataclasses.replace(cfg.optim, schedule="cosine", end_lr_ratio=0.05, cooldown_steps=0),
-        train=dataclasses.replace(cfg.train, steps=1500, batch_size=64, eval_batch_size=250))
+        train=dataclasses.replace(cfg.train, eval_batch_size=250))

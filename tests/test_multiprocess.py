@@ -27,16 +27,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _xla_flags(devices: int) -> str:
+    """The suite's XLA_FLAGS (tests/conftest.py) with `devices` simulated devices instead of 8."""
+    keep = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return " ".join([*keep, f"--xla_force_host_platform_device_count={devices}"])
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(digits_dir, tmp_path, read_params):
     # One process with 4 devices vs two processes with 2 devices each: the same 4-device mesh.
-    env1 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env1 = dict(os.environ, XLA_FLAGS=_xla_flags(4))
     subprocess.run(CMD + ["--workdir", str(tmp_path / "one")] + _overrides(digits_dir), env=env1,
                    check=True, capture_output=True)
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, XLA_FLAGS=_xla_flags(2),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(CMD + ["--workdir", str(tmp_path / "two")] + _overrides(digits_dir),
