@@ -11,9 +11,10 @@ The probe scores a sample right when it counts k objects in it (`class_accuracy`
 KID-probe against the real images of the same classes, as for captions. 2,000 steps of 32, the
 last 400 cooling down.
 
-Measured (2-core EPYC, 2026-12-07, 7 min 0 s in all, alone, over the conv-encoder tokenizer): test
-NLL 1.975 nats per code (NULL 2.009); the probe counts the class's number of objects in 69.0% of
-samples with CFG 1.5, 66.0% without, 51.4% at CFG 3 (real images of other scenes: 34.0%).
+Measured (2-core EPYC, 2026-12-07, 6.5 min in all, alone, over the patch-encoder tokenizer): test
+NLL 0.234 nats per code (NULL 0.253); the probe counts the class's number of objects in 93.2% of
+samples with CFG 1.5, 93.8% without, 89.8% at CFG 3 (real images of other scenes: 34.0%). Over
+the conv-encoder tokenizer: 69.0 / 66.0 / 51.4%.
 """
 
 import dataclasses
