@@ -179,6 +179,8 @@ def test_vqa_turns_trains_long_mixed_sequences_and_scores_single_questions(shape
     cap = next(iter(task.eval_batches("test", kind="caption")))
     prompt = task.tokenizer.decode(cap["ids"][0, :cap["prefix_len"][0]])
     assert cap["ids"].shape == (8, MAX_LEN) and prompt == "describe the image.\n" and "shape" in cap
+    with pytest.raises(ValueError, match="scored as .'vqa'.*not 'captions'"):
+        task.eval_batches("test", kind="captions")
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_answer_tokens=2, caption_tokens=3,
                                                             eval_max_examples=8))
     task = VLMTask(cfg)

@@ -182,6 +182,8 @@ class VLMTask(NextTokenTask):
     def eval_batches(self, split: str, global_batch_size: int | None = None, kind: str | None = None):
         """Evaluation batches of `split` as `kind` ("vqa" / "caption"; None: the run's own) sequences."""
         from mmjax.data import pipeline
+        if kind is not None and kind not in self.eval_transforms:
+            raise ValueError(f"this run is scored as {self.eval_kinds}, not {kind!r}")
         return pipeline.eval_batches(self.cfg.data, split=split,
                                      global_batch_size=global_batch_size or self.cfg.train.eval_batch_size,
                                      example_transform=self.eval_transforms[kind or self.eval_kinds[0]],
