@@ -259,6 +259,46 @@ def test_a_run_learns_both_ways_and_the_sample_command_draws_a_caption(run, tmp_
     assert "give --prompt" in capsys.readouterr().err
 
 
+def test_generator_comparison_rows_metrics_and_refusals(run, tokenizer_run, tmp_path, capsys):
+    """`python -m mmjax.evals.generators` on the tiny run: the real row, the null condition, the
+    first test captions without and with CFG, each drawn as the task draws them, scored by a probe;
+    a VQ tokenizer (no prior) is refused before any probe is trained."""
+    from mmjax.evals import generators as G
+    from mmjax.evals.probe import ProbeConfig
+    from mmjax.experiment import load_run
+    cfg, workdir, results = run
+    num = 6
+    rows = G.compare([str(workdir)], num, seed=5, probe_config=ProbeConfig(steps=10, batch_size=16, warmup_steps=2),
+                     log=None)
+    assert [(r.family, r.mode) for r in rows] == [("real", f"{num} other test images"), ("unified LM", "NULL"),
+                                                   ("unified LM", "caption"), ("unified LM", "caption, CFG 2")]
+    task = VQARTask(cfg)
+    _, _, params = load_run(workdir)
+    ids, real, labels, _ = task.prompt_set("test", 2 * num)
+    key = jax.random.PRNGKey(5)
+    np.testing.assert_array_equal(rows[0].images, real[num:])  # the next num test images
+    np.testing.assert_allclose(rows[1].images, task.decode_codes(task.sample_codes(params, [[task.vocab.null]] * num,
+                                                                                   rng=key)), atol=1e-6)
+    np.testing.assert_allclose(rows[3].images, task.decode_codes(task.sample_codes(params, ids[:num], rng=key,
+                                                                                   cfg_scale=2.0)), atol=1e-6)
+    for k in labels:
+        np.testing.assert_array_equal(rows[2].labels[k], labels[k][:num])  # prompted with the first num scenes
+    for r in rows:
+        assert r.images.shape == (num, SIZE, SIZE, 3) and np.abs(r.images).max() <= 1.0
+        assert r.metrics["fd_probe"] >= 0.0 and np.isfinite(r.metrics["kid_probe"])
+        conditional = r.mode.startswith("caption")
+        assert all((f"probe_{k}" in r.metrics) == conditional for k in G.ATTRIBUTES), r.metrics
+        assert (r.seconds_per_image is None) == (r.family == "real")
+        assert r.bits_per_dim == (None if r.family == "real" else results["eval"]["bits_per_dim"])
+    text = G.table(rows)
+    assert len(text.splitlines()) == 2 + len(rows) and "| unified LM |" in text and "| — |" in text
+    # refusals name the problem, before the probe
+    with pytest.raises(ValueError, match="no prior to sample"):
+        G.compare([str(workdir), tokenizer_run], num)
+    assert G.main([str(workdir), "--num", "40"]) == 2
+    assert "needs at least 42" in capsys.readouterr().err
+
+
 def _class_config(data_dir, tok_dir, **loss):
     cfg = _config(data_dir, tok_dir, class_field="num_objects", num_classes=4, probe=False, **loss)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_field=None))
