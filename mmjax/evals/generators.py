@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=500, help="images drawn per row, and test images compared against")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows' figures here")
-    p.add_argument("--grids", default=None, help="write each row's first 16 images as <DIR>/<run>_<mode>.png")
+    p.add_argument("--grids", default=None, help="write each row's first 16 images as <DIR>/<run>_<mode>.png, "
+                   "and every row's first 8 in <DIR>/families.png")
     args = p.parse_args(argv)
     if args.num < 2:
         p.error("--num must be >= 2 (a covariance needs two feature vectors)")
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             name = re.sub(r"[^A-Za-z0-9.]+", "_", f"{Path(r.run).name or 'real'}_{r.mode}").strip("_")
             save_image_grid(r.images[:16], Path(args.grids) / f"{name}.png", ncols=8, value_range=(-1, 1))
+        # all rows in one picture, 8 images each, the first two tiles of a row captioned family and mode
+        save_image_grid(np.concatenate([r.images[:8] for r in rows]), Path(args.grids) / "families.png", ncols=8,
+                        value_range=(-1, 1), captions=[c for r in rows for c in [r.family, r.mode] + [""] * 6])
     if args.json:
         out = [{"run": r.run, "family": r.family, "mode": r.mode, "num": len(r.images), "bits_per_dim": r.bits_per_dim,
                 "seconds_per_image": r.seconds_per_image, **r.metrics} for r in rows]
