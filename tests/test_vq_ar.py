@@ -58,7 +58,8 @@ def tokenizer_run(shapes_dir, tmp_path_factory):
 def _config(data_dir, tok_dir, **loss):
     return validate(ExperimentConfig(
         name="vq_ar_test", task="vq_ar",
-        model=LMConfig(vocab_size=512, max_len=LC + CODES + 3, rope_2d=True, zero_init_head=True,
+        # both orders place text up to position 2·Lc + 2 + 4 (the image block after the caption slots)
+        model=LMConfig(vocab_size=512, max_len=2 * LC + 7, rope_2d=True, zero_init_head=True,
                        learned_positions=True,
                        encoder=TransformerConfig(width=32, depth=2, num_heads=2, mlp_dim=64, activation="swiglu",
                                                  norm="rmsnorm", use_bias=False, rope_base=10000.0)),
@@ -180,7 +181,13 @@ def test_image_first_layout_and_caption_loss_by_hand(shapes_dir, tokenizer_run):
     assert (seq2[:, lc + 1 + CODES] == v.eoi).all() and not valid2[:, -1].any()
     np.testing.assert_array_equal(np.nonzero(w2[0])[0], np.arange(lc + 1, lc + CODES + 2))
     pos = task.positions("image_to_caption")
-    np.testing.assert_array_equal(pos[[0, 1, CODES, CODES + 1, CODES + 2]], [[0, 0], [1, 1], [4, 4], [5, 5], [6, 6]])
+    np.testing.assert_array_equal(pos[[0, 1, CODES, CODES + 1, CODES + 2]] - lc,
+                                  [[0, 0], [1, 1], [4, 4], [5, 5], [6, 6]])
+    # the image block (BOI, the 4×4 grid, EOI) sits where it does after a caption: one cell, one embedding
+    np.testing.assert_array_equal(pos[: CODES + 2], task.positions("caption_to_image")[lc: lc + CODES + 2])
+    assert pos.max() == 2 * lc + 6 < task.cfg.model.max_len
+    with pytest.raises(ConfigError, match=r"max_len=100 is too small .* up to position 102 \(set max_len >= 103\)"):
+        VQARTask(dataclasses.replace(task.cfg, model=dataclasses.replace(task.cfg.model, max_len=100)))
     # the image → caption NLL by hand: log-softmax at the caption + EOS targets of a real row
     params = _unbox(task.init_params(jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape, np.float32)

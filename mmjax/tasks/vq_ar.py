@@ -222,6 +222,11 @@ class VQARTask(NextTokenTask):
         if m.max_len < self.seq_len:
             raise ConfigError(f"model.max_len={m.max_len} is below the {self.seq_len} positions of a sequence "
                               f"(Lc={self.cond_len} caption slots, {self.codes} codes and the sentinels)")
+        top = int(max(self.positions(x).max() for x in loss.directions))
+        if m.learned_positions and top >= m.max_len:
+            raise ConfigError(f"model.max_len={m.max_len} is too small for the learned position tables: the "
+                              f"{' and '.join(loss.directions)} layout places tokens up to position {top} "
+                              f"(set max_len >= {top + 1})")
         self.model = LM(m)
         self._probe = None
 
@@ -238,12 +243,16 @@ class VQARTask(NextTokenTask):
     def positions(self, direction: str = "caption_to_image") -> np.ndarray:
         """int32 [T, 2] for every slot of a sequence (2D RoPE; text on the diagonal):
         caption_to_image: text slot j at (j, j), then the image block from Lc (BOI at (Lc, Lc));
-        image_to_caption: the image block from 0, then text from 2 + max(h, w)."""
+        image_to_caption: the same image block from Lc, then text from Lc + 2 + max(h, w).
+
+        The image block sits at the same positions in both orders, so a cell has one row and one
+        column embedding (learned_positions) whichever order it is read in, and none of them is also
+        a caption slot's (with the block at 0, code rows 1..h would share the caption's (j, j))."""
         lc, t = self.cond_len, self.seq_len
+        img = self._image_positions(lc)
         if direction == "caption_to_image":
-            pos = np.concatenate([np.repeat(np.arange(lc)[:, None], 2, 1), self._image_positions(lc)])
+            pos = np.concatenate([np.repeat(np.arange(lc)[:, None], 2, 1), img])
         else:
-            img = self._image_positions(0)
             text = img[-1, 0] + 1 + np.arange(t - len(img))
             pos = np.concatenate([img, np.repeat(text[:, None], 2, 1)])
         return pos[:t].astype(np.int32) if len(pos) >= t else np.concatenate(
