@@ -206,6 +206,85 @@ def test_image_first_layout_and_caption_loss_by_hand(shapes_dir, tokenizer_run):
     assert sums["text_tokens"] == 4 and sums["text_nll"] == pytest.approx(nll, rel=1e-4)
 
 
+def test_caption_rate_sets_the_share_of_image_first_examples(shapes_dir, tokenizer_run):
+    cfg = _config(shapes_dir, tokenizer_run, directions=BOTH)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match=f"caption_rate={bad} must lie in"):
+            VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, caption_rate=bad)))
+    images = np.random.default_rng(4).uniform(-1, 1, (64, SIZE, SIZE, 3)).astype(np.float32)
+    text = np.zeros((64, LC), np.int32)
+    text[:, :2] = [5, 6]
+    batch = {"image": images, "text_ids": text, "text_len": np.full(64, 2)}
+    tokens = {}
+    for rate in (0.1, 0.5, 0.9):
+        task = VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, caption_rate=rate)))
+        params = _unbox(task.init_params(jax.random.PRNGKey(0)))
+        s = task._token_sums(params, batch, direction="mixed", train=False, rng=jax.random.PRNGKey(7),
+                             extra=task.init_extra(params), drop=np.zeros(64, bool))
+        tokens[rate] = float(s["weight_sum"])
+    # an image-first row supervises its 2 caption ids + EOS (3), a caption-first row 16 codes + EOI (17)
+    share = {r: (17 * 64 - t) / (14 * 64) for r, t in tokens.items()}
+    assert share[0.1] < 0.25 and 0.3 < share[0.5] < 0.7 and share[0.9] > 0.75, share
+
+
+def test_image_prefix_reads_the_image_both_ways_in_training_and_captioning(shapes_dir, tokenizer_run):
+    cfg = _config(shapes_dir, tokenizer_run, directions=BOTH, image_prefix=True)
+    task = VQARTask(cfg)
+    with pytest.raises(ConfigError, match="image_prefix .* loss.all_tokens=False"):
+        VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, all_tokens=True)))
+    with pytest.raises(ConfigError, match="image_prefix .* needs 'image_to_caption'"):
+        VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, directions=BOTH[:1])))
+    v, eos, n = task.vocab, task.tokenizer.eos_id, CODES + 2
+    assert task.image_prefix_len == n
+    params = _unbox(task.init_params(jax.random.PRNGKey(1)))
+    params = jax.tree.map(lambda x: x + 0.3 * np.random.default_rng(1).standard_normal(x.shape, np.float32)
+                          if x.ndim == 2 else x, params)
+    extra = task.init_extra(params)
+    images = np.random.default_rng(3).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    c = np.asarray(task.tokenize(extra["tokenizer"], images)).reshape(2, -1)
+    pos = task.positions("image_to_caption")
+
+    t_max = n + LC + 1  # the image block, a caption and EOS
+    fwd = jax.jit(lambda seq, prefix: task.model.apply({"params": params}, seq, positions=pos[None, :t_max],
+                                                       prefix_len=prefix)[0])
+
+    def logits(seq, prefix=n):  # one compiled forward: trailing pads cannot reach earlier slots (causal text)
+        padded = np.zeros((1, t_max), np.int32)
+        padded[0, : len(seq)] = seq
+        return np.asarray(fwd(padded, np.array([prefix], np.int32))[0, : len(seq)], np.float64)
+    # the codes see the codes after them: BOI's output moves when the last code changes (not when causal)
+    seq = np.array([v.boi, *(c[0] + v.code_offset), v.eoi, 5, 6, 7], np.int32)
+    other = seq.copy()
+    other[n - 2] = v.code_offset + (c[0, -1] + 1) % CODES
+    assert np.abs(logits(seq)[0] - logits(other)[0]).max() > 1e-4
+    np.testing.assert_array_equal(logits(seq, 0)[0], logits(other, 0)[0])
+    # text still reads causally: a caption token's output ignores the tokens after it
+    np.testing.assert_allclose(logits(seq)[n], logits(np.concatenate([seq[:n + 1], [9, 9]]).astype(np.int32))[n],
+                               atol=1e-5)
+    # the eval's image → caption NLL is the prefix model's, by hand from those logits
+    batch = {"image": images[:1], "text_ids": np.pad([[5, 6, 7]], ((0, 0), (0, LC - 3))).astype(np.int32),
+             "text_len": np.array([3]), "mask": np.ones(1, np.int32)}
+    full = np.array([*seq, eos], np.int32)
+    lg = logits(full[:-1])
+    logp = lg - lg.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -sum(logp[t, full[t + 1]] for t in range(n - 1, n + 3))
+    sums = jax.device_get(task.eval_fn(params, extra, batch))
+    assert sums["text_tokens"] == 4 and sums["text_nll"] == pytest.approx(nll, rel=1e-4)
+    # captioning prefills with the same prefix: its greedy tokens are the argmax of full forwards
+    got = task.caption_images(params, images, tok_params=extra["tokenizer"])
+    never = {i for i in (task.tokenizer.bos_id, task.tokenizer.pad_id) if i is not None and i != eos}
+    for row in range(2):
+        s = [v.boi, *(c[row] + v.code_offset), v.eoi]
+        for _ in range(LC + 1):
+            lg = logits(np.array(s, np.int32))[-1][: v.text_size].copy()
+            lg[list(never)] = -np.inf
+            s.append(int(lg.argmax()))
+            if s[-1] == eos:
+                break
+        assert got[row] == task.tokenizer.decode(s[n:])
+
+
 @pytest.fixture(scope="module")
 def run(shapes_dir, tokenizer_run, tmp_path_factory):
     """One tiny model trained both ways (caption → image and image → caption)."""

@@ -110,12 +110,17 @@ class ImageTextVocab:
 @config
 class VQARLossConfig:
     """tokenizer_workdir: the VQ tokenizer's run directory (task 'autoencoder', model.kind 'vq').
-    directions: the orders trained, each example drawn uniformly among them: "caption_to_image"
+    directions: the orders trained, each training example in one of them (caption_rate): "caption_to_image"
       ([caption | BOI | codes]) and "image_to_caption" ([BOI | codes | EOI | caption | EOS]);
       with both, caption-first sequences end with EOI too (one model, both ways: Chameleon).
     all_tokens: every real token after the first is a target, in both orders (Chameleon); False:
       only what the order conditions (the codes and EOI after a caption, the caption and EOS after
       an image).
+    caption_rate: with both directions, the probability that a training example is read image →
+      caption (else caption → image).
+    image_prefix: image → caption reads the image block [BOI | codes | EOI] both ways (a prefix-LM
+      mask, PaliGemma), so every code sees the whole object before a word names it; the codes are
+      not targets in that order (all_tokens off), so nothing is leaked. Caption → image stays causal.
     cond_dropout: probability that a training example's caption becomes the NULL condition.
     cfg_scale, temperature, top_k, top_p: the pinned sampler (cfg_scale None: no guidance).
     eval_prompts: captions of each split whose images are generated and probed at evaluation (0: none).
@@ -129,6 +134,8 @@ class VQARLossConfig:
     tokenizer_workdir: str = ""
     directions: tuple[str, ...] = ("caption_to_image",)
     all_tokens: bool = False
+    image_prefix: bool = False
+    caption_rate: float = 0.5
     cond_dropout: float = 0.1
     z_loss: float = 0.0
     cfg_scale: float | None = 3.0
@@ -199,6 +206,13 @@ class VQARTask(NextTokenTask):
         if "caption_to_image" not in loss.directions and (loss.cfg_scale is not None or loss.cfg_sweep):
             raise ConfigError("loss.cfg_scale / cfg_sweep guide caption → image sampling, which "
                               "loss.directions does not train; set loss.cfg_scale=None and cfg_sweep=()")
+        if not 0.0 < loss.caption_rate < 1.0:
+            raise ConfigError(f"loss.caption_rate={loss.caption_rate} must lie in (0, 1): each direction "
+                              "needs examples")
+        if loss.image_prefix and ("image_to_caption" not in loss.directions or loss.all_tokens):
+            raise ConfigError("loss.image_prefix makes the image block of image → caption sequences attend both "
+                              "ways: it needs 'image_to_caption' in loss.directions and loss.all_tokens=False "
+                              "(codes that see the codes after them cannot also be their targets)")
         if not m.rope_2d:
             raise ConfigError("the vq_ar task places codes on their grid with 2D RoPE: set model.rope_2d=True")
         self.ae, self.ae_params, ae_cfg = load_vq_tokenizer(loss.tokenizer_workdir)
@@ -257,6 +271,12 @@ class VQARTask(NextTokenTask):
             pos = np.concatenate([img, np.repeat(text[:, None], 2, 1)])
         return pos[:t].astype(np.int32) if len(pos) >= t else np.concatenate(
             [pos, pos[-1] + 1 + np.repeat(np.arange(t - len(pos))[:, None], 2, 1)]).astype(np.int32)
+
+    @property
+    def image_prefix_len(self) -> int:
+        """Slots of an image → caption sequence that attend both ways: [BOI | codes | EOI] with
+        loss.image_prefix, else 0 (causal)."""
+        return self.codes + 2 if self.cfg.loss.image_prefix else 0
 
     def sequences(self, text_ids, text_len, codes, drop):
         """caption_to_image: text_ids [B, Lc] (right-padded), text_len [B], codes [B, h, w], drop bool [B]
@@ -355,26 +375,31 @@ class VQARTask(NextTokenTask):
         text_ids, text_len = self.condition(batch)
         if direction == "mixed" and not self.both:
             direction = self.cfg.loss.directions[0]
-        parts, pos = [], []
+        parts, pos, prefix = [], [], []
         if direction in ("caption_to_image", "mixed"):
             parts.append(self.sequences(text_ids, text_len, codes, drop))
             pos.append(self.positions("caption_to_image"))
+            prefix.append(0)
         if direction in ("image_to_caption", "mixed"):
             parts.append(self.image_first_sequences(text_ids, text_len, codes))
             pos.append(self.positions("image_to_caption"))
+            prefix.append(self.image_prefix_len)
         if direction == "mixed":  # per example, one order or the other
-            first = jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5, (b,))
+            first = jax.random.bernoulli(jax.random.fold_in(rng, 2), 1.0 - self.cfg.loss.caption_rate, (b,))
             pick = lambda x, y: jnp.where(first.reshape((b,) + (1,) * (x.ndim - 1)), x, y)
             seq, valid, weights = (pick(x, y) for x, y in zip(*parts))
             positions = pick(jnp.broadcast_to(jnp.asarray(pos[0]), (b,) + pos[0].shape), jnp.asarray(pos[1]))
+            prefix_len = jnp.where(first, *prefix).astype(jnp.int32)
         else:
             (seq, valid, weights), positions = parts[0], jnp.broadcast_to(jnp.asarray(pos[0]), (b,) + pos[0].shape)
+            prefix_len = jnp.full((b,), prefix[0], jnp.int32)
         if example_mask is not None:
             weights = weights * example_mask.astype(jnp.float32)[:, None]
         inputs, targets, w = next_token_targets(seq, weights)
         rngs = {"dropout": rng} if rng is not None else {}
         logits, _ = self.model.apply({"params": params}, inputs, positions=positions[:, :-1],
-                                     kv_valid=valid[:, :-1], train=train, rngs=rngs)
+                                     kv_valid=valid[:, :-1], prefix_len=prefix_len if self.cfg.loss.image_prefix
+                                     else None, train=train, rngs=rngs)
         return lm_cross_entropy(logits, targets, w, z_loss=self.cfg.loss.z_loss)
 
     def loss_fn(self, params, extra, batch, rng):
@@ -479,7 +504,8 @@ class VQARTask(NextTokenTask):
         never = tuple(i for i in (tok.bos_id, tok.pad_id) if i is not None and i != tok.eos_id)
         out = generate(self.model, params, prompts, max_new_tokens=self.cond_len + 1, eos_id=tok.eos_id,
                        pad_id=tok.pad_id, token_range=(0, v.text_size), disallowed_ids=never,
-                       positions=self.positions("image_to_caption")[None], mesh=mesh)
+                       positions=self.positions("image_to_caption")[None], mesh=mesh,
+                       prefix_len=self.image_prefix_len or None)
         return [tok.decode(r[prompts.shape[1]:]) for r in out.sequences]
 
     # ------------------------------------------------------------------ evaluation
