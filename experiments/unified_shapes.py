@@ -24,8 +24,9 @@ Measured (2-core EPYC, 2026-12-07, commit 80b49db, 23.3 min in all with the test
 90.1%, size 94.8%, position 58.0%, count 91.4% (91.0% of captions parse); caption → image with
 CFG 1.5 colour 85.6%, shape 66.9%, position 87.2% (the caption-only vq_ar_shapes: 96.8%, 94.2%,
 92.2%: each order here sees half the examples). Position is the caption attribute below 90%: the
-model pairs the objects it names with the occupied cells at chance in scenes of three
-(docs/generation.md, with the trials of loss.image_prefix and loss.caption_rate).
+model pairs the objects it names with the occupied cells barely better than at random (three
+objects: 38.3%, `python -m mmjax.evals.captions RUN`; docs/generation.md has the trials of
+loss.image_prefix and loss.caption_rate).
 """
 
 import dataclasses

@@ -284,6 +284,13 @@ def test_caption_scores_by_hand():
     assert out["position"] == pytest.approx(5 / 8)
     assert out["count"] == pytest.approx(2 / 4) and out["scene"] == pytest.approx(1 / 4)
     assert out["parsed"] == pytest.approx(3 / 4) and out["examples"] == 4
+    assert out["position_2_objects"] == pytest.approx(5 / 8)  # every scene here has two objects
+    # by object count: the one-object scene placed right, the two-object scene with its pair swapped
+    swapped = "a small red circle in the center and a large blue square at the top left"
+    by_k = vlm.caption_attribute_accuracy(["a small red circle at the top left", swapped],
+                                          [(circle,), (circle, square)])
+    assert by_k["position_1_objects"] == 1.0 and by_k["position_2_objects"] == 0.0
+    assert by_k["position"] == pytest.approx(1 / 3) and "position_3_objects" not in by_k
     # A square stated as a circle in the square's cell matches by the most agreeing attributes.
     one = vlm.score_caption("a large blue circle in the center and a small red circle at the top left",
                             (circle, square))

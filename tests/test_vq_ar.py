@@ -3,6 +3,7 @@ guided sampling constrained to codes (scale 1 = unguided), and a tiny run throug
 tiny tokenizer run that learns the codes and writes a sample grid."""
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -343,6 +344,30 @@ def test_a_run_learns_both_ways_and_the_sample_command_draws_a_caption(run, tmp_
         assert im.size[1] >= SIZE and im.size[0] >= 3 * SIZE
     assert main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out)]) == 2
     assert "give --prompt" in capsys.readouterr().err
+
+
+def test_caption_command_reproduces_the_runs_eval_and_splits_position_by_objects(run, tokenizer_run, tmp_path,
+                                                                                  capsys):
+    from mmjax.data.vlm import CAPTION_ATTRIBUTES
+    from mmjax.evals.captions import main
+    cfg, workdir, results = run
+    ev = results["eval"]
+    path = tmp_path / "captions.json"
+    assert main([str(workdir), "--num", "8", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out == json.loads(capsys.readouterr().out) and out["examples"] == 8 and out["split"] == "test"
+    # the same 8 test scenes the training run's own evaluation captioned, with the same weights
+    for k in CAPTION_ATTRIBUTES + ("count", "scene", "parsed"):
+        assert out[k] == pytest.approx(ev[f"captions/{k}"]), k
+    # position by object count: its object-weighted mean is the overall position
+    _, _, labels, _ = VQARTask(cfg).prompt_set("test", 8)
+    n = np.bincount(labels["num_objects"])
+    ks = np.nonzero(n)[0]
+    assert sorted(f"position_{k}_objects" for k in ks) == sorted(x for x in out if x.startswith("position_"))
+    assert sum(n[k] * k * out[f"position_{k}_objects"] for k in ks) / (n * np.arange(len(n))).sum() == \
+        pytest.approx(out["position"])
+    assert main([tokenizer_run]) == 2
+    assert "does not caption images (task 'autoencoder')" in capsys.readouterr().err
 
 
 def test_generator_comparison_rows_metrics_and_refusals(run, tokenizer_run, tmp_path, capsys):

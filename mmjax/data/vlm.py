@@ -497,8 +497,10 @@ def labels_of(example: dict[str, Any]) -> tuple[shapes.ShapeObject, ...]:
 def caption_attribute_accuracy(captions: Sequence[str],
                                labels: Sequence[Sequence[shapes.ShapeObject]]) -> dict[str, float]:
     """`score_caption` averaged over examples: {"shape", "colour", "size", "position" (per object),
-    "count", "scene", "parsed" (per caption), "examples"}. labels[i]: the objects of scene i
-    (`labels_of(example)`, or `Scene.objects`)."""
+    "count", "scene", "parsed" (per caption), "examples"}, and "position_<k>_objects" for each
+    object count k present: position over scenes of k objects only (binding: a captioner that pairs
+    the objects it names with the occupied cells at random scores 1/k there, and 100% at k = 1).
+    labels[i]: the objects of scene i (`labels_of(example)`, or `Scene.objects`)."""
     if len(captions) != len(labels):
         raise ValueError(f"{len(captions)} captions for {len(labels)} scenes")
     if not captions:
@@ -507,6 +509,9 @@ def caption_attribute_accuracy(captions: Sequence[str],
     weights = np.array([len(objs) for objs in labels], float)  # attributes: per object, not per scene
     out = {a: float(np.average([s[a] for s in scores], weights=weights)) for a in CAPTION_ATTRIBUTES}
     out |= {k: float(np.mean([s[k] for s in scores])) for k in ("count", "scene", "parsed")}
+    for k in sorted({len(objs) for objs in labels}):
+        out[f"position_{k}_objects"] = float(np.mean([s["position"] for s, objs in zip(scores, labels)
+                                                      if len(objs) == k]))
     out["examples"] = len(captions)
     return out
 
