@@ -19,8 +19,8 @@ ids only, greedy, until EOS. Evaluated both ways on `test` and `test_novel`: gen
 read back by the shapes probe, generated captions parsed back with the dataset's grammar.
 
 Trained with vq_ar_shapes' recipe (4,400 steps of 32, constant 2e-3, cool-down over the last 900).
-Measured (2-core EPYC, 2026-12-07, commit 80b49db, 23.3 min in all with the tests beside it for
-3, over the patch-encoder tokenizer): image → caption on 500 test scenes colour 91.1%, shape
+Measured (2-core EPYC, 2026-12-07, commit 80b49db, 23.3 min of training steps with the tests beside
+it for 3, over the patch-encoder tokenizer): image → caption on 500 test scenes colour 91.1%, shape
 90.1%, size 94.8%, position 58.0%, count 91.4% (91.0% of captions parse); caption → image with
 CFG 1.5 colour 85.6%, shape 66.9%, position 87.2% (the caption-only vq_ar_shapes: 96.8%, 94.2%,
 92.2%: each order here sees half the examples). Position is the caption attribute below 90%: the
