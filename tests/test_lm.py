@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmjax.layers import TransformerConfig, apply_rope, stack_block_params
-from mmjax.layers.attention import apply_rope_2d
+from mmjax.layers.attention import apply_mrope, apply_rope_2d
 from mmjax.models.lm import LM, LMConfig, cache_shardings, init_cache, lm_forward_flops
 from mmjax.objectives.lm import lm_cross_entropy, next_token_targets
 from mmjax.sharding import MeshConfig, make_mesh, tree_shardings
@@ -187,6 +187,41 @@ def test_rope_2d_rotates_halves_by_row_and_column():
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-4
     assert not np.allclose(apply_rope(jnp.asarray(x), jnp.asarray(rc[..., 0])), got)
+
+
+def test_mrope_deals_frequencies_to_row_and_column_and_keeps_1d_rope_for_text():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 3, 2, 8)).astype(np.float32)
+    rc = np.array([[[0, 0], [1, 2], [3, 1]]], np.int32)
+    got = np.asarray(apply_mrope(jnp.asarray(x), jnp.asarray(rc), 100.0))
+    # by hand: rotate-half over Dh = 8, pair (i, i+4) at frequency 100^(-2i/8), turned by the row for
+    # i = 0, 2 and by the column for i = 1, 3
+    for s_ in range(3):
+        ref = np.empty_like(x[0, s_])
+        for i in range(4):
+            a = rc[0, s_, i % 2] * 100.0 ** (-2 * i / 8)
+            ref[:, i] = x[0, s_, :, i] * np.cos(a) - x[0, s_, :, i + 4] * np.sin(a)
+            ref[:, i + 4] = x[0, s_, :, i + 4] * np.cos(a) + x[0, s_, :, i] * np.sin(a)
+        np.testing.assert_allclose(got[0, s_], ref, atol=1e-5)
+    p = np.array([[0, 3, 7]], np.int32)  # (p, p) is 1D RoPE at p, bit for bit
+    np.testing.assert_array_equal(np.asarray(apply_mrope(jnp.asarray(x), jnp.asarray(np.stack([p, p], -1)), 100.0)),
+                                  np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(p), 100.0)))
+    # q·k depends on the row and column offsets only
+    q, k = (rng.standard_normal((1, 1, 1, 8)).astype(np.float32) for _ in range(2))
+    dot = lambda a, b: float(np.sum(np.asarray(apply_mrope(jnp.asarray(q), jnp.asarray([[a]]), 100.0))
+                                    * np.asarray(apply_mrope(jnp.asarray(k), jnp.asarray([[b]]), 100.0))))
+    assert dot((5, 2), (3, 7)) == pytest.approx(dot((9, 0), (7, 5)), abs=1e-5)
+    assert abs(dot((5, 2), (3, 7)) - dot((5, 2), (7, 3))) > 1e-3
+    # an LM with interleaved channels reads [B, T] positions exactly as a 1D LM with the same params
+    enc = dataclasses.replace(ENC, depth=1)
+    ids = jnp.asarray(rng.integers(0, V, size=(1, 5)), jnp.int32)
+    flat = LM(LMConfig(vocab_size=V, max_len=16, encoder=enc))
+    params = flat.init(jax.random.key(4), ids)
+    grid = LM(LMConfig(vocab_size=V, max_len=16, encoder=dataclasses.replace(enc, rope_2d_channels="interleaved"),
+                       rope_2d=True))
+    pos = jnp.arange(5)[None] + 2
+    np.testing.assert_array_equal(np.asarray(flat.apply(params, ids, positions=pos)[0]),
+                                  np.asarray(grid.apply(params, ids, positions=jnp.stack([pos, pos], -1))[0]))
 
 
 def test_learned_row_and_column_embeddings_add_to_the_inputs_and_decode_with_a_cache():

@@ -237,6 +237,23 @@ def test_relative_phrases_only_for_neighbours():
     assert seen_relative
 
 
+
+def test_reading_order_caption_by_hand_and_parsed_back():
+    # Written out by hand: the count, then the cells in reading order (top left first), each named
+    # by row and column, "there is", and the noun phrase in size-color-shape order.
+    scene = S.Scene((S.ShapeObject(1, 3, 1, 8), S.ShapeObject(0, 0, 0, 0), S.ShapeObject(5, 5, 1, 5)), 0)
+    assert S.reading_order_caption(scene) == (
+        "three objects: at the top left there is a small red circle; in the middle right there is a large "
+        "blue star; at the bottom right there is a large green square")
+    assert S.reading_order_caption(S.Scene((S.ShapeObject(3, 7, 0, 4),), 1)) == (
+        "one object: in the center there is a small white diamond")
+    for _, ex in _examples(60):
+        scene = S.scene_from_example(ex)
+        caption = S.reading_order_caption(scene)
+        objects, count, used = parse_caption(caption)       # this file's parser, not the module's
+        assert objects == _labels(ex) and count == int(ex["num_objects"]) and used == 0, caption
+        assert S.parse_caption(caption) == scene.objects
+
 # --- questions ----------------------------------------------------------------------------------
 
 _POSITION_Q = re.compile(r"what (shape|color|size) is (?:the shape )?((?:at|in|on) the [a-z ]+)\?")

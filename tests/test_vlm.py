@@ -358,3 +358,40 @@ def test_sharded_forward_on_2x2x2_mesh_equals_one_device(llava):
         out = fwd(sharded, jax.device_put(pixels, shd.batch_sharding(mesh, 4)),
                   jax.device_put(ids, shd.batch_sharding(mesh, 2)))
     np.testing.assert_allclose(np.asarray(out), one, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- M-RoPE
+def test_grid_image_positions_put_patches_on_rows_and_columns_and_generate_consistently():
+    import dataclasses
+
+    from mmjax.models.lm import LM, LMConfig
+    # by hand: a 2×2 image block at slots 1..4 of positions 0..6, text on the diagonal
+    pos = vlm_lib.grid_positions(np.arange(7)[None], np.array([[0, 1, 1, 1, 1, 0, 0]], bool), 2)
+    np.testing.assert_array_equal(np.asarray(pos)[0], [[0, 0], [1, 1], [1, 2], [2, 1], [2, 2], [5, 5], [6, 6]])
+    enc = TransformerConfig(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64, activation="swiglu",
+                            norm="rmsnorm", use_bias=False, rope_base=10_000.0, rope_2d_channels="interleaved")
+    cfg = VLMConfig(lm=LMConfig(vocab_size=VOCAB, max_len=96, rope_2d=True, encoder=enc), image_token_id=IMG,
+                    image_positions="grid")
+    model, seq = VLM(cfg), VLM(dataclasses.replace(cfg, image_positions="sequence"))
+    ids = np.concatenate([[[BOS]], np.full((1, LLAVA_N), IMG), _text(1, 6, seed=20)], axis=1).astype(np.int32)
+    pixels = _nhwc(_pixels(1, 32, 21))
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, model.init(jax.random.key(0), pixels, ids)["params"])
+    logits, aux = model.apply({"params": params}, pixels, ids)
+    # the LM on the spliced embeddings, with the 4×4 patches at (1 + r, 1 + c) and text at (p, p)
+    want = [[0, 0]] + [[1 + j // 4, 1 + j % 4] for j in range(LLAVA_N)] + [[p, p] for p in range(17, 23)]
+    x, _ = model.apply({"params": params}, pixels, ids, method=VLM.embed)
+    ref, _ = LM(cfg.lm).apply({"params": params["lm"]}, x, positions=jnp.asarray([want]))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
+    flat, _ = seq.apply({"params": params}, pixels, ids)      # same params, raster positions: only the
+    np.testing.assert_array_equal(np.asarray(flat)[0, 0], np.asarray(logits)[0, 0])        # image part moves
+    assert np.abs(np.asarray(flat)[0, -1] - np.asarray(logits)[0, -1]).max() > 1e-3
+    # greedy generation (prefill + KV-cache steps) = the argmax of one forward over the whole sequence
+    out = vlm_lib.generate(model, params, pixels, ids, max_new_tokens=6, temperature=0.0, disallowed_ids=(IMG,))
+    full = np.concatenate([ids, out.tokens], axis=1)
+    steps, _ = model.apply({"params": params}, pixels, full)
+    np.testing.assert_array_equal(np.argmax(np.asarray(steps)[0, ids.shape[1] - 1:-1], -1), out.tokens[0])
+    for bad, match in ((dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, encoder=dataclasses.replace(
+            enc, rope_2d_channels="halves"))), "rope_2d_channels='interleaved'"),
+                       (dataclasses.replace(cfg, multicrop_grid=1), "not with multi-crop")):
+        with pytest.raises(ValueError, match=match):
+            VLM(bad).init(jax.random.key(0), pixels, ids)

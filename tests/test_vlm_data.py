@@ -222,6 +222,22 @@ def test_shapes_turns_and_caption_sequences():
         vlm.ShapesToVLM(task="vqa", caption_rate=0.5)
 
 
+
+def test_reading_order_caption_targets_answer_the_labels_caption():
+    tok = vlm.vlm_tokenizer("bytes")
+    for ex in EXAMPLES[:3]:
+        out = vlm.ShapesToVLM(task="caption", image_tokens=2, max_len=300, caption_targets="reading_order").map(ex)
+        p, length = int(out["prefix_len"]), int(out["length"])
+        want = S.reading_order_caption(S.scene_from_example(ex))
+        assert tok.decode(out["ids"][p:length]) == want and out["loss_weights"].sum() == len(want) + 1
+        assert S.parse_caption(want) == S.parse_caption(ex["caption"])   # the same scene, another caption
+    with pytest.raises(ValueError, match="caption_targets must be one of"):
+        vlm.ShapesToVLM(task="caption", caption_targets="sorted")
+    t = vlm.ReadingOrderTarget()
+    assert t.map(EXAMPLES[0])["target_text"] == S.reading_order_caption(S.scene_from_example(EXAMPLES[0]))
+    with pytest.raises(ValueError, match=r"no \['size', 'position'\] \(list them in data.extra_fields\)"):
+        t.map({k: v for k, v in EXAMPLES[0].items() if k not in ("size", "position")})
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 

@@ -228,6 +228,39 @@ def test_caption_rate_sets_the_share_of_image_first_examples(shapes_dir, tokeniz
     assert share[0.1] < 0.25 and 0.3 < share[0.5] < 0.7 and share[0.9] > 0.75, share
 
 
+def test_reading_order_targets_teach_image_to_caption_and_leave_the_condition(shapes_dir, tokenizer_run):
+    from mmjax.data import shapes
+    from mmjax.data.vlm import labels_of
+    cfg = _config(shapes_dir, tokenizer_run, directions=BOTH, caption_targets="reading_order")
+    with pytest.raises(ConfigError, match="caption_targets='fancy' must be one of"):
+        VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, caption_targets="fancy")))
+    with pytest.raises(ConfigError, match=r"needs 'image_to_caption' .* \(missing \['num_objects'"):
+        VQARTask(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, extra_fields=())))
+    with pytest.raises(ConfigError, match="needs 'image_to_caption' in loss.directions"):
+        VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, directions=("caption_to_image",))))
+    task = VQARTask(cfg)
+    batch = next(iter(task.train_iterator(global_batch_size=8, seed=0)))
+    tok = task.tokenizer
+    for i in range(8):   # the target is the scene's reading-order caption, the condition its own caption
+        scene = shapes.Scene(labels_of({k: batch[k][i] for k in LABEL_FIELDS}), 0)
+        assert tok.decode(batch["target_ids"][i][: batch["target_len"][i]]) == shapes.reading_order_caption(scene)
+        assert shapes.parse_caption(tok.decode(batch["text_ids"][i][: batch["text_len"][i]])) == scene.objects
+    # image → caption supervises the target's ids + EOS; caption → image still reads text_ids
+    params = _unbox(task.init_params(jax.random.PRNGKey(0)))
+    extra = task.init_extra(params)
+    text, target = np.zeros((1, LC), np.int32), np.zeros((1, LC), np.int32)
+    text[0, :3], target[0, :5] = [5, 6, 7], [9, 10, 11, 12, 13]
+    images = np.random.default_rng(2).uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    b = {"image": images, "text_ids": text, "text_len": np.array([3]), "target_ids": target,
+         "target_len": np.array([5]), "mask": np.ones(1, np.int32)}
+    sums = jax.device_get(task.eval_fn(params, extra, b))
+    plain = VQARTask(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, caption_targets="dataset")))
+    want = jax.device_get(plain.eval_fn(params, extra, {**b, "text_ids": target, "text_len": np.array([5])}))
+    assert sums["text_tokens"] == 6 and sums["text_nll"] == pytest.approx(float(want["text_nll"]), rel=1e-6)
+    dataset = jax.device_get(plain.eval_fn(params, extra, b))
+    assert dataset["text_tokens"] == 4 and sums["nll"] == pytest.approx(float(dataset["nll"]), rel=1e-6)
+
+
 def test_image_prefix_reads_the_image_both_ways_in_training_and_captioning(shapes_dir, tokenizer_run):
     cfg = _config(shapes_dir, tokenizer_run, directions=BOTH, image_prefix=True)
     task = VQARTask(cfg)

@@ -402,6 +402,24 @@ def caption_scene(scene: Scene, rng: np.random.Generator) -> str:
     return text
 
 
+def reading_order_caption(scene: Scene) -> str:
+    """The one canonical caption of a scene, a deterministic member of `caption_scene`'s grammar:
+    the count, then the objects in reading order of their cells, each as "<cell> there is <noun
+    phrase>" with the cell named by row and column (`position_phrases(p)[0]`), joined by "; ".
+
+        "two objects: at the top left there is a small red circle; in the middle right there is
+         a large blue square"
+
+    A training target for captioners (Pix2Seq orders the objects of its target sequences too): the
+    cell comes first and the order is fixed, so describing an object is asking what is at a cell,
+    and no word depends on which object the caption happened to mention first."""
+    objs = sorted(scene.objects, key=lambda o: o.position)
+    n = len(objs)
+    clauses = [f"{position_phrases(o.position)[0]} there is a {SIZES[o.size]} {COLORS[o.color]} {SHAPES[o.shape]}"
+               for o in objs]
+    return f"{NUMBER_WORDS[n]} object{'s' if n > 1 else ''}: " + "; ".join(clauses)
+
+
 def questions_for(scene: Scene, rng: np.random.Generator, *, max_questions: int = NUM_QUESTIONS,
                   exclude_pairs: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """Up to `max_questions` (question, one-word answer) pairs that the scene answers uniquely.

@@ -321,11 +321,14 @@ class TokenizeText(grain.transforms.Map):
         return out, np.int32(len(ids))
 
     def map(self, example: dict[str, Any]) -> dict[str, Any]:
-        """Also `neg_text` (from `SwapWordNegative`) -> `neg_text_ids` [L] / `neg_text_len` [] (or
+        """Also `target_text` (str) -> `target_ids` [L] / `target_len` [], and `neg_text` (from
+        `SwapWordNegative`) -> `neg_text_ids` [L] / `neg_text_len` [] (or
         [K, L] / [K] for a list of K negatives)."""
         tok = _tokenizer(self.tokenizer)
-        out = {k: v for k, v in example.items() if k not in ("text", "neg_text")}
+        out = {k: v for k, v in example.items() if k not in ("text", "neg_text", "target_text")}
         out["text_ids"], out["text_len"] = self._encode(tok, example["text"], example, "text")
+        if "target_text" in example:  # a second text of the example (e.g. a caption target in another form)
+            out["target_ids"], out["target_len"] = self._encode(tok, example["target_text"], example, "target text")
         if isinstance(example.get("neg_text"), str):
             out["neg_text_ids"], out["neg_text_len"] = self._encode(tok, example["neg_text"], example,
                                                                     "negative text")

@@ -60,6 +60,8 @@ from mmjax.data import shapes
 from mmjax.data.transforms import BadExample
 
 IMAGE_TOKEN = "<image>"
+# What a caption turn answers: the example's own caption, or `shapes.reading_order_caption` of its labels.
+CAPTION_TARGETS = ("dataset", "reading_order")
 TASKS = ("vqa", "vqa_turns", "vqa_packed", "caption")
 # The groups VQA accuracy is reported by, and which question kind of shapes.questions_for falls in
 # which: the attribute a question asks for, "position" for the neighbour questions (the answer is a
@@ -290,7 +292,9 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
       "vqa_packed" the same turns packed (`build_vlm_turns(packed=True)`): each turn sees only the
                    image block and itself, at the positions a single question has; adds
                    segment_ids and positions int32 [max_len].
-      "caption"    prompt `caption_prompt`, answer the caption.
+      "caption"    prompt `caption_prompt`, answer the caption (caption_targets "dataset"), or the
+                   scene's `shapes.reading_order_caption` ("reading_order"; the label fields
+                   num_objects, shape, color, size and position must be in the example).
     `caption_rate` p (vqa_turns / vqa_packed under random_map only): each example is instead, with
     probability p, the caption turn (CapPa's argument, Tschannen et al. 2023: a whole caption
     supervises every object's attributes in their places; its one trial on shapes read the captions
@@ -325,6 +329,7 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
     keep_text: bool = False
     caption_rate: float = 0.0
     answer_position: int | None = None
+    caption_targets: str = "dataset"
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -338,6 +343,8 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
         if self.answer_position is not None and self.task not in ("vqa", "vqa_packed", "caption"):
             raise ValueError(f"answer_position places one answer per turn segment: tasks 'vqa', 'vqa_packed' and "
                              f"'caption', not {self.task!r}")
+        if self.caption_targets not in CAPTION_TARGETS:
+            raise ValueError(f"caption_targets must be one of {CAPTION_TARGETS}, got {self.caption_targets!r}")
         if not 0.0 <= self.caption_rate <= 1.0 or (self.caption_rate and self.task not in ("vqa_turns", "vqa_packed")):
             raise ValueError(f"caption_rate must lie in [0, 1] and is for tasks 'vqa_turns' and 'vqa_packed', got "
                              f"{self.caption_rate!r} with task {self.task!r}")
@@ -358,7 +365,9 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
         image_id = tok.token_to_id(self.image_token)
         encode = tok.encode
         if self.task == "caption" or (rng is not None and self.caption_rate and rng.random() < self.caption_rate):
-            pairs = [(self.caption_prompt, _text(example["caption"]))]
+            caption = (ReadingOrderTarget().map(example)["target_text"] if self.caption_targets == "reading_order"
+                       else _text(example["caption"]))
+            pairs = [(self.caption_prompt, caption)]
         else:
             pairs = self._pairs(example)
             if self.task == "vqa":
@@ -494,6 +503,20 @@ def labels_of(example: dict[str, Any]) -> tuple[shapes.ShapeObject, ...]:
     return shapes.scene_from_example({**example, "background": example.get("background", 0)}).objects
 
 
+class ReadingOrderTarget(grain.transforms.Map):
+    """A `shapes` example (with its label fields) -> the same plus `target_text`: the scene's
+    `shapes.reading_order_caption`, which the text pipeline tokenises into `target_ids` /
+    `target_len` beside the example's own caption."""
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        missing = [k for k in ("num_objects", "shape", "color", "size", "position") if k not in example]
+        if missing:
+            raise ValueError(f"a reading-order caption is built from the scene's labels: the example has no "
+                             f"{missing} (list them in data.extra_fields)")
+        scene = shapes.Scene(labels_of(example), 0)
+        return {**example, "target_text": shapes.reading_order_caption(scene)}
+
+
 def caption_attribute_accuracy(captions: Sequence[str],
                                labels: Sequence[Sequence[shapes.ShapeObject]]) -> dict[str, float]:
     """`score_caption` averaged over examples: {"shape", "colour", "size", "position" (per object),
@@ -517,7 +540,8 @@ def caption_attribute_accuracy(captions: Sequence[str],
 
 
 __all__ = [
-    "CAPTION_ATTRIBUTES", "GROUP_OF_KIND", "IMAGE_TOKEN", "QUESTION_GROUPS", "TASKS", "ShapesToVLM",
-    "VLMSequenceError", "build_vlm_sequence", "build_vlm_turns", "caption_attribute_accuracy", "image_block",
+    "CAPTION_ATTRIBUTES", "CAPTION_TARGETS", "GROUP_OF_KIND", "IMAGE_TOKEN", "QUESTION_GROUPS", "TASKS",
+    "ReadingOrderTarget", "ShapesToVLM", "VLMSequenceError", "build_vlm_sequence", "build_vlm_turns",
+    "caption_attribute_accuracy", "image_block",
     "labels_of", "normalize_answer", "score_caption", "vlm_tokenizer", "vqa_accuracy",
 ]

@@ -47,6 +47,9 @@ class Attention(nn.Module):
       num_kv_heads: Hkv (None → H). Must divide H.
       head_dim: Dh (None → D / H).
       rope_base: if set, rotary embeddings on q and k at `positions`.
+      rope_2d_channels: how [B, S, 2] positions rotate the head dim: "halves" (`apply_rope_2d`: the
+        first half by the row, the second by the column) or "interleaved" (`apply_mrope`: RoPE's
+        frequencies alternate between row and column, so (p, p) rotates exactly as 1D RoPE at p).
       qk_norm: RMS/LayerNorm over Dh on q and k (Chameleon-style stability; None = off).
       ops: the backend policy (`mmjax.ops.OpsPolicy`): which attention implementation runs.
     """
@@ -56,6 +59,7 @@ class Attention(nn.Module):
     head_dim: int | None = None
     use_bias: bool = True
     rope_base: float | None = None
+    rope_2d_channels: Literal["halves", "interleaved"] = "halves"
     qk_norm: Literal["layernorm", "rmsnorm"] | None = None
     norm_eps: float = 1e-6
     dropout: float = 0.0
@@ -120,7 +124,8 @@ class Attention(nn.Module):
         if self.rope_base is not None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-            rope = apply_rope_2d if positions.ndim == 3 else apply_rope
+            rope = apply_rope if positions.ndim == 2 else (
+                apply_mrope if self.rope_2d_channels == "interleaved" else apply_rope_2d)
             q = rope(q, positions, self.rope_base)
             k = rope(k, positions, self.rope_base)
         q = constrain(q, ("act_batch", "act_len", "act_heads", None))
@@ -191,4 +196,28 @@ def apply_rope_2d(x: jax.Array, positions: jax.Array, base: float = 10_000.0) ->
     return jnp.concatenate([rows, cols], axis=-1)
 
 
-__all__ = ["CACHE_AXES", "Attention", "apply_rope_2d", "grouped_attention", "update_kv_cache"]
+def apply_mrope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """2D rotary embedding that keeps 1D RoPE for text (M-RoPE, Qwen2-VL; interleaved as Qwen3-VL):
+    x [B, S, H, Dh], positions [B, S, 2] = (row, col).
+
+    RoPE's Dh/2 frequencies θ_i = base^(−2i/Dh) are dealt out alternately: the pair (x_i, x_{i+Dh/2})
+    turns by row · θ_i for even i and by col · θ_i for odd i, so each axis gets high and low
+    frequencies, q·k depends on the row and column offsets, and a token at (p, p) turns exactly as
+    `apply_rope` turns it at p: a 1D-trained LM reads text unchanged with image tokens on a grid.
+    """
+    dh = x.shape[-1]
+    if dh % 4:
+        raise ValueError(f"M-RoPE needs a head dim divisible by 4, got {dh}")
+    if positions.shape[-1] != 2:
+        raise ValueError(f"M-RoPE positions must be [B, S, 2] (row, col), got {positions.shape}")
+    inv_freq = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))            # [Dh/2]
+    axis = jnp.arange(dh // 2) % 2                                                         # 0: row, 1: col
+    p = jnp.take(positions.astype(jnp.float32), axis, axis=-1)                            # [B, S, Dh/2]
+    angles = p * inv_freq
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+__all__ = ["CACHE_AXES", "Attention", "apply_mrope", "apply_rope_2d", "grouped_attention", "update_kv_cache"]

@@ -64,6 +64,7 @@ class TransformerConfig:
     use_bias: bool = True
     qk_norm: Literal["layernorm", "rmsnorm"] | None = None
     rope_base: float | None = None
+    rope_2d_channels: Literal["halves", "interleaved"] = "halves"  # [B, T, 2] positions: see Attention
     dropout: float = 0.0
     final_norm: bool = True
     scan_layers: bool = False
@@ -84,7 +85,8 @@ class Block(nn.Module):
         norm = lambda name: Norm(c.norm, c.norm_eps, dtype=dt, param_dtype=pdt, ops=c.ops, name=name)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         y = Attention(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                      use_bias=c.use_bias, rope_base=c.rope_base, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+                      use_bias=c.use_bias, rope_base=c.rope_base, rope_2d_channels=c.rope_2d_channels,
+                      qk_norm=c.qk_norm, norm_eps=c.norm_eps,
                       dtype=dt, param_dtype=pdt, ops=c.ops, name="attn")(
             norm("norm1")(x), mask=mask, positions=positions, deterministic=deterministic, cache=cache,
             cache_index=cache_index)

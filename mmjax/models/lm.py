@@ -84,10 +84,11 @@ class LMConfig:
       longer inputs are refused. RoPE itself has no table, so this is a stated limit, not a size.
     encoder: the shared transformer stack (causal here; the field name is the one every tower uses).
     tie_embeddings: the output head is the token embedding transposed (no head params).
-    rope_2d: positions may be [B, T, 2] (row, col) for tokens on an image grid: the first half of
-      every head's channels is rotated by the row and the second half by the column
-      (`mmjax.layers.attention.apply_rope_2d`); a [B, T] position p is used as (p, p). Needs
-      encoder.rope_base and a head dim divisible by 4.
+    rope_2d: positions may be [B, T, 2] (row, col) for tokens on an image grid, rotated as
+      encoder.rope_2d_channels says: "halves" (the first half of every head's channels by the row,
+      the second by the column, `apply_rope_2d`) or "interleaved" (M-RoPE, `apply_mrope`: (p, p)
+      rotates as 1D RoPE at p); a [B, T] position p is used as (p, p). Needs encoder.rope_base and
+      a head dim divisible by 4.
     embed_scale: token embeddings are multiplied by it in `embed` (Gemma: √D, rounded to the compute
       dtype as HF does); float embeddings passed as inputs are used as given. 1.0: no scaling.
     zero_init_head: the untied output head starts at zero (LlamaGen): every token starts equally

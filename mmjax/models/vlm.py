@@ -82,6 +82,13 @@ class VLMConfig:
     multicrop_grid: 0 = off (one feature per patch, K images per row); g > 0 = each row is one image's
       1 + g² crops, pooled 2×2 and laid out as `multicrop_layout` (module docstring).
     multicrop_pool_heads: heads of the 2×2 attention pooling (they divide Dv·L).
+    image_positions: the LM's RoPE positions of the image tokens: "sequence" (LLaVA: one position
+      per token, in raster order, so a cell's right neighbour is 1 position on and the one below it
+      a row of patches on) or "grid" (Qwen2-VL's M-RoPE: the h×w patch tokens at (p₀ + r, p₀ + c),
+      p₀ the first image token's position, text at (p, p); rows and columns are offsets on their own
+      axes). "grid" needs lm.rope_2d with lm.encoder.rope_2d_channels="interleaved" (text then turns
+      exactly as under 1D RoPE, so a 1D-trained LM reads its text as before), one image per row and
+      no multi-crop; positions given to the model are 1D ([B, T]) and made 2D inside.
     """
 
     vision: ViTConfig = ViTConfig(
@@ -98,6 +105,7 @@ class VLMConfig:
     attention: Literal["causal", "prefix"] = "causal"
     multicrop_grid: int = 0
     multicrop_pool_heads: int = 1
+    image_positions: Literal["sequence", "grid"] = "sequence"
 
 
 def check_vlm_config(cfg: VLMConfig) -> None:
@@ -128,6 +136,18 @@ def check_vlm_config(cfg: VLMConfig) -> None:
     if cfg.attention not in ("causal", "prefix"):
         raise ValueError(f"attention must be 'causal' or 'prefix', got {cfg.attention!r}")
     get_activation(cfg.projector_activation)
+    if cfg.image_positions not in ("sequence", "grid"):
+        raise ValueError(f"image_positions must be 'sequence' or 'grid', got {cfg.image_positions!r}")
+    if cfg.image_positions == "grid":
+        lm = cfg.lm
+        if not lm.rope_2d or lm.encoder.rope_2d_channels != "interleaved" or lm.learned_positions:
+            raise ValueError("image_positions='grid' places image tokens on 2D RoPE positions: set lm.rope_2d=True "
+                             "and lm.encoder.rope_2d_channels='interleaved' (M-RoPE: text keeps its 1D rotation), "
+                             f"without lm.learned_positions (got rope_2d={lm.rope_2d}, rope_2d_channels="
+                             f"{lm.encoder.rope_2d_channels!r}, learned_positions={lm.learned_positions})")
+        if cfg.multicrop_grid or (v.pool == "cls" and cfg.vision_feature_select_strategy == "full"):
+            raise ValueError("image_positions='grid' lays each image's patch tokens on their h×w grid: not with "
+                             "multi-crop, nor with a kept CLS token (vision_feature_select_strategy='full')")
     if cfg.multicrop_grid < 0:
         raise ValueError(f"multicrop_grid must be >= 0 (0 = off), got {cfg.multicrop_grid}")
     if cfg.multicrop_grid:
@@ -142,6 +162,18 @@ def check_vlm_config(cfg: VLMConfig) -> None:
         if cfg.multicrop_pool_heads < 1 or width % cfg.multicrop_pool_heads:
             raise ValueError(f"multicrop_pool_heads={cfg.multicrop_pool_heads} must divide the pooled feature "
                              f"width {width}")
+
+
+def grid_positions(positions, is_image, width: int):
+    """M-RoPE positions [B, T, 2] from 1D positions [B, T] (int) and the placeholder mask [B, T]: text
+    at (p, p); the j-th image token of a row at (p₀ + j // width, p₀ + j % width), p₀ the position of
+    the row's first image token (one image per row, raster order)."""
+    positions = jnp.asarray(positions, jnp.int32)
+    j = jnp.cumsum(is_image, axis=1) - 1
+    p0 = jnp.min(jnp.where(is_image, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    row = jnp.where(is_image, p0 + j // width, positions)
+    col = jnp.where(is_image, p0 + j % width, positions)
+    return jnp.stack([row, col], axis=-1)
 
 
 def multicrop_pooled_grid(cfg: VLMConfig) -> int:
@@ -314,6 +346,13 @@ class VLM(nn.Module):
         if c.attention == "causal" and prefix_len is not None:
             raise ValueError("this VLM is causal (attention='causal', LLaVA); prefix_len is for attention='prefix'")
         x, aux = self.embed(images, ids, train=train)
+        if c.image_positions == "grid":
+            if self.images_per_row(_as_image_batch(images)) != 1:
+                raise ValueError("image_positions='grid' takes one image per row")
+            if positions is None:
+                positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None] + (cache_index or 0)
+            positions = grid_positions(jnp.broadcast_to(positions, ids.shape), aux["image_mask"],
+                                       c.vision.image_size // c.vision.patch_size)
         logits, lm_aux = self.lm(x, positions=positions, kv_valid=kv_valid, prefix_len=prefix_len,
                                  segment_ids=segment_ids, cache=cache, cache_index=cache_index, train=train,
                                  return_blocks=return_blocks)
@@ -358,6 +397,15 @@ def generate(model: VLM, params, images, ids, *, max_new_tokens: int, lengths=No
     # Pad slots past a row's length may hold anything; make them text so the splice ignores them.
     ids = np.where(in_prompt, ids, 0 if c.image_token_id != 0 else 1).astype(np.int32)
     embeds, _ = _embed_fn(model)(variables, images, ids)
+    if c.image_positions == "grid":  # the prompt's image slots on their grid; generated tokens are text
+        if images.shape[1] != 1:
+            raise ValueError("image_positions='grid' takes one image per row")
+        pos = sampling.pop("positions", None)
+        pos = np.arange(ids.shape[1] + max_new_tokens, dtype=np.int32) if pos is None else np.asarray(pos)
+        pos = np.broadcast_to(pos, (ids.shape[0], pos.shape[-1]))
+        mask = np.zeros(pos.shape, bool)
+        mask[:, :ids.shape[1]] = ids == c.image_token_id
+        sampling["positions"] = np.asarray(grid_positions(pos, mask, c.vision.image_size // c.vision.patch_size))
     return lm_generate(LM(c.lm), variables["params"]["lm"], embeds, lengths=lens, max_new_tokens=max_new_tokens,
                        prefix_len=prefix_len, mesh=mesh, rules=rules, **sampling)
 
@@ -368,5 +416,5 @@ def _embed_fn(model: VLM):
     return jax.jit(lambda v, images, ids: model.apply(v, images, ids, method=VLM.embed))
 
 
-__all__ = ["VLM", "Projector", "VLMConfig", "check_image_tokens", "check_vlm_config", "generate",
+__all__ = ["VLM", "Projector", "VLMConfig", "check_image_tokens", "check_vlm_config", "generate", "grid_positions",
            "image_tokens_per_image", "multicrop_pooled_grid", "vlm_multicrop_layout"]

@@ -18,6 +18,8 @@ class Task(abc.ABC):
 
     model_config_cls: type
     loss_config_cls: type
+    # A grain Map applied to every example before tokenisation, in training and in `evaluate`.
+    example_transform = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -34,7 +36,8 @@ class Task(abc.ABC):
         """This process's training batches (`mmjax.data.pipeline.train_iterator` over cfg.data); a
         task whose examples need a transform of its own (a VLM's sequences) passes it here."""
         from mmjax.data import pipeline
-        return pipeline.train_iterator(self.cfg.data, global_batch_size=global_batch_size, seed=seed)
+        return pipeline.train_iterator(self.cfg.data, global_batch_size=global_batch_size, seed=seed,
+                                       example_transform=self.example_transform)
 
     def init_extra(self, params) -> Any:
         return {}
@@ -72,7 +75,8 @@ class Task(abc.ABC):
             self._eval_step = jax.jit(self.eval_fn)
         sums: dict[str, float] = {}
         for local in pipeline.eval_batches(self.cfg.data, split=self.cfg.data.eval_split,
-                                           global_batch_size=self.cfg.train.eval_batch_size):
+                                           global_batch_size=self.cfg.train.eval_batch_size,
+                                           example_transform=self.example_transform):
             out = jax.device_get(self._eval_step(params, extra, shd.make_global_batch(local, mesh)))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

@@ -73,6 +73,9 @@ class VLMLossConfig:
     eval_generate: generate and score answers (off: perplexity and token accuracy only).
     eval_seed: the seed of the question drawn per eval example.
     eval_max_examples: score only the first batches of each split, until this many examples (None: all).
+    caption_targets: what caption turns answer: "dataset" (the example's caption, objects in a random
+      order and phrasing) or "reading_order" (`shapes.reading_order_caption` of its labels: the count,
+      then each object in reading order of its cell, "<cell> there is <size> <color> <shape>").
     tokenizer_field: the text field a dataset BPE ("bpe:<dataset>:<V>") is trained on; "caption"
       makes it the LM task's tokenizer, so an LM run's embeddings fit (init_from).
     """
@@ -93,6 +96,7 @@ class VLMLossConfig:
     eval_seed: int = 0
     eval_max_examples: int | None = None
     tokenizer_field: str = "caption"
+    caption_targets: str = "dataset"
 
 
 class VLMTask(NextTokenTask):
@@ -154,7 +158,7 @@ class VLMTask(NextTokenTask):
         self.transform = ShapesToVLM(tokenizer=spec, image_tokens=image_tokens, max_len=loss.max_len,
                                      task=loss.sequence, system=loss.system, caption_prompt=loss.caption_prompt,
                                      prompt_template=loss.prompt_template, caption_rate=loss.caption_rate,
-                                     answer_position=loss.answer_position,
+                                     answer_position=loss.answer_position, caption_targets=loss.caption_targets,
                                      extra_special_tokens=MULTICROP_TOKENS if m.multicrop_grid else ())
         # vqa_turns trains on every question of a scene at once; it is scored as it is used, one
         # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
@@ -171,6 +175,8 @@ class VLMTask(NextTokenTask):
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
         if loss.caption_rate:
             self.raw_fields += ("caption",)
+        if loss.caption_targets == "reading_order" and "caption" in self.raw_fields:   # built from the labels
+            self.raw_fields += tuple(f for f in LABEL_FIELDS if f not in self.raw_fields)
         self.eval_fields = self.raw_fields + (LABEL_FIELDS if "caption" in self.eval_kinds else ())  # to score captions
 
     # ------------------------------------------------------------------ data

@@ -51,6 +51,7 @@ from mmjax.objectives.lm import lm_cross_entropy, next_token_targets
 from mmjax.tasks.lm import NextTokenTask
 
 DIRECTIONS = ("caption_to_image", "image_to_caption")
+CAPTION_TARGETS = ("dataset", "reading_order")
 PROBE_ATTRIBUTES = ("color", "shape", "size", "position", "count", "all")  # captions never name the background
 
 
@@ -118,6 +119,11 @@ class VQARLossConfig:
       an image).
     caption_rate: with both directions, the probability that a training example is read image →
       caption (else caption → image).
+    caption_targets: what image → caption sequences teach the model to write: "dataset" (each example's
+      own caption, in the random object order and phrasing of the dataset's grammar) or
+      "reading_order" (`shapes.reading_order_caption`: the count, then each object in reading order of
+      its cell as "<cell> there is <size> <color> <shape>"; built from the label fields). Caption →
+      image always conditions on the dataset's captions.
     image_prefix: image → caption reads the image block [BOI | codes | EOI] both ways (a prefix-LM
       mask, PaliGemma), so every code sees the whole object before a word names it; the codes are
       not targets in that order (all_tokens off), so nothing is leaked. Caption → image stays causal.
@@ -136,6 +142,7 @@ class VQARLossConfig:
     all_tokens: bool = False
     image_prefix: bool = False
     caption_rate: float = 0.5
+    caption_targets: str = "dataset"
     cond_dropout: float = 0.1
     z_loss: float = 0.0
     cfg_scale: float | None = 3.0
@@ -213,6 +220,19 @@ class VQARTask(NextTokenTask):
             raise ConfigError("loss.image_prefix makes the image block of image → caption sequences attend both "
                               "ways: it needs 'image_to_caption' in loss.directions and loss.all_tokens=False "
                               "(codes that see the codes after them cannot also be their targets)")
+        if loss.caption_targets not in CAPTION_TARGETS:
+            raise ConfigError(f"loss.caption_targets={loss.caption_targets!r} must be one of {CAPTION_TARGETS}")
+        if loss.caption_targets == "reading_order":
+            from mmjax.evals.probe import LABEL_FIELDS
+            missing = [k for k in LABEL_FIELDS if k not in d.extra_fields]
+            if "image_to_caption" not in loss.directions or d.name != "shapes" or missing:
+                raise ConfigError("loss.caption_targets='reading_order' writes the captions of image → caption from "
+                                  "a shapes scene's labels: it needs 'image_to_caption' in loss.directions, "
+                                  f"data.name='shapes' and the label fields in data.extra_fields (missing {missing})")
+            from mmjax.data.vlm import ReadingOrderTarget
+            self.example_transform = ReadingOrderTarget()
+        elif self.class_field is not None:
+            self.example_transform = _FieldAsInt32(self.class_field)
         if not m.rope_2d:
             raise ConfigError("the vq_ar task places codes on their grid with 2D RoPE: set model.rope_2d=True")
         self.ae, self.ae_params, ae_cfg = load_vq_tokenizer(loss.tokenizer_workdir)
@@ -329,14 +349,17 @@ class VQARTask(NextTokenTask):
         out = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32)}
         if self.class_field:
             return out | {self.class_field: jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-        return out | {"text_ids": jax.ShapeDtypeStruct((batch_size, self.cond_len), jnp.int32),
-                      "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        out |= {"text_ids": jax.ShapeDtypeStruct((batch_size, self.cond_len), jnp.int32),
+                "text_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        if self.cfg.loss.caption_targets == "reading_order":
+            out |= {"target_ids": jax.ShapeDtypeStruct((batch_size, self.cond_len), jnp.int32),
+                    "target_len": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        return out
 
     def train_iterator(self, *, global_batch_size: int, seed: int):
         from mmjax.data import pipeline
-        cast = _FieldAsInt32(self.class_field) if self.class_field else None
         return pipeline.train_iterator(self.cfg.data, global_batch_size=global_batch_size, seed=seed,
-                                       example_transform=cast)
+                                       example_transform=self.example_transform)
 
     def check_batch(self, batch, step):
         super().check_batch(batch, step)
@@ -381,6 +404,8 @@ class VQARTask(NextTokenTask):
             pos.append(self.positions("caption_to_image"))
             prefix.append(0)
         if direction in ("image_to_caption", "mixed"):
+            if self.cfg.loss.caption_targets == "reading_order":
+                text_ids, text_len = batch["target_ids"], batch["target_len"]
             parts.append(self.image_first_sequences(text_ids, text_len, codes))
             pos.append(self.positions("image_to_caption"))
             prefix.append(self.image_prefix_len)
