@@ -238,6 +238,30 @@ def test_reading_order_caption_targets_answer_the_labels_caption():
     with pytest.raises(ValueError, match=r"no \['size', 'position'\] \(list them in data.extra_fields\)"):
         t.map({k: v for k, v in EXAMPLES[0].items() if k not in ("size", "position")})
 
+
+def test_all_questions_of_a_kind_come_first_from_the_labels():
+    # By hand: a red circle at the top left, a blue star right of it, a green square at the bottom
+    # right. The one neighbour question the grammar asks is "left of the star" (the circle has two
+    # objects to its right and below it the square is two rows down; the square has two objects
+    # above and left of it).
+    scene = S.Scene((S.ShapeObject(0, 0, 0, 0), S.ShapeObject(5, 5, 1, 1), S.ShapeObject(1, 3, 1, 8)), 0)
+    stored = S.questions_for(scene, np.random.default_rng(3))
+    pad = lambda xs: np.array((list(xs) + [-1] * 3)[:3], np.int32)
+    ex = {"id": 0, "num_objects": np.int32(3), "questions": [q for q, _ in stored], "answers": [a for _, a in stored],
+          **{k: pad(getattr(o, k) for o in scene.objects) for k in ("shape", "color", "size", "position")}}
+    tok = vlm.vlm_tokenizer("bytes")
+    out = vlm.ShapesToVLM(task="vqa_turns", image_tokens=2, max_len=400, all_questions_of=("neighbour",)).map(ex)
+    want = [("what shape is directly to the left of the blue star?", "circle")]
+    want += [(q, a) for q, a in stored if S.question_kind(q) != "neighbour"][: len(stored) - 1]
+    assert tok.decode(out["ids"][:out["length"]]) == "".join(f"{q}\n{a}" for q, a in want)
+    with pytest.raises(ValueError, match=r"unknown: \['neighbor'\]"):
+        vlm.ShapesToVLM(task="vqa_packed", all_questions_of=("neighbor",))
+    with pytest.raises(ValueError, match="is for tasks 'vqa_turns' and 'vqa_packed'"):
+        vlm.ShapesToVLM(task="vqa", all_questions_of=("neighbour",))
+    with pytest.raises(ValueError, match="all_questions_of is built from the scene's labels"):
+        vlm.ShapesToVLM(task="vqa_turns", image_tokens=2, max_len=400, all_questions_of=("neighbour",)).map(
+            {k: v for k, v in ex.items() if k != "position"})
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 

@@ -295,6 +295,11 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
       "caption"    prompt `caption_prompt`, answer the caption (caption_targets "dataset"), or the
                    scene's `shapes.reading_order_caption` ("reading_order"; the label fields
                    num_objects, shape, color, size and position must be in the example).
+    `all_questions_of` (vqa_turns / vqa_packed): question kinds asked as often as the scene allows,
+    e.g. ("neighbour",) — every neighbour question `shapes.questions_for` finds in the scene (from
+    its label fields), then the stored questions of other kinds, as many turns as were stored; the
+    dataset stores at most one question of a kind until every kind has one, so a rare kind (one
+    training question in 30) can be raised without new data.
     `caption_rate` p (vqa_turns / vqa_packed under random_map only): each example is instead, with
     probability p, the caption turn (CapPa's argument, Tschannen et al. 2023: a whole caption
     supervises every object's attributes in their places; its one trial on shapes read the captions
@@ -330,6 +335,7 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
     caption_rate: float = 0.0
     answer_position: int | None = None
     caption_targets: str = "dataset"
+    all_questions_of: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -343,6 +349,10 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
         if self.answer_position is not None and self.task not in ("vqa", "vqa_packed", "caption"):
             raise ValueError(f"answer_position places one answer per turn segment: tasks 'vqa', 'vqa_packed' and "
                              f"'caption', not {self.task!r}")
+        bad = [k for k in self.all_questions_of if k not in shapes.QUESTION_KINDS]
+        if bad or (self.all_questions_of and self.task not in ("vqa_turns", "vqa_packed")):
+            raise ValueError(f"all_questions_of names question kinds of shapes.QUESTION_KINDS (unknown: {bad}) and "
+                             f"is for tasks 'vqa_turns' and 'vqa_packed' (got {self.task!r})")
         if self.caption_targets not in CAPTION_TARGETS:
             raise ValueError(f"caption_targets must be one of {CAPTION_TARGETS}, got {self.caption_targets!r}")
         if not 0.0 <= self.caption_rate <= 1.0 or (self.caption_rate and self.task not in ("vqa_turns", "vqa_packed")):
@@ -359,6 +369,17 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
             raise VLMSequenceError(f"example {example.get('id', '?')}: {len(questions)} questions and "
                                    f"{len(answers)} answers")
         return list(zip(questions, answers))
+
+    def _with_all_questions_of(self, example, pairs, rng):
+        """Every question of the kinds `all_questions_of` that the scene answers (`shapes.questions_for`
+        over its labels), then the example's stored questions of other kinds, as many pairs as it
+        stored (more if the listed kinds alone are more)."""
+        scene = shapes.Scene(labels_of(_require_labels(example, "all_questions_of")), 0)
+        drawn = shapes.questions_for(scene, rng if rng is not None else np.random.default_rng(0),
+                                     max_questions=1 << 30, exclude_pairs=shapes.HELD_OUT_PAIRS)
+        first = [(q, a) for q, a in drawn if shapes.question_kind(q) in self.all_questions_of]
+        rest = [(q, a) for q, a in pairs if shapes.question_kind(q) not in self.all_questions_of]
+        return (first + rest)[:max(len(pairs), len(first))]
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         tok = vlm_tokenizer(self.tokenizer, self.special_tokens)
@@ -380,8 +401,11 @@ class ShapesToVLM(grain.transforms.Map, grain.transforms.RandomMap):
                     if rng is None:
                         raise ValueError("task 'vqa' without question_index draws a pair: use random_map with a seed")
                     pairs = [pairs[int(rng.integers(len(pairs)))]]
-            elif rng is not None:  # vqa_turns, vqa_packed
-                pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+            else:  # vqa_turns, vqa_packed
+                if self.all_questions_of:
+                    pairs = self._with_all_questions_of(example, pairs, rng)
+                if rng is not None:
+                    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
         turns = [(encode(self.prompt_template.format(prompt=p)), encode(a)) for p, a in pairs]
         try:
             seq = build_vlm_turns(self.image_tokens, turns, max_len=self.max_len, image_id=image_id,
@@ -503,17 +527,21 @@ def labels_of(example: dict[str, Any]) -> tuple[shapes.ShapeObject, ...]:
     return shapes.scene_from_example({**example, "background": example.get("background", 0)}).objects
 
 
+def _require_labels(example: dict[str, Any], what: str) -> dict[str, Any]:
+    missing = [k for k in ("num_objects", "shape", "color", "size", "position") if k not in example]
+    if missing:
+        raise ValueError(f"{what} is built from the scene's labels: the example has no {missing} (list them in "
+                         "data.extra_fields)")
+    return example
+
+
 class ReadingOrderTarget(grain.transforms.Map):
     """A `shapes` example (with its label fields) -> the same plus `target_text`: the scene's
     `shapes.reading_order_caption`, which the text pipeline tokenises into `target_ids` /
     `target_len` beside the example's own caption."""
 
     def map(self, example: dict[str, Any]) -> dict[str, Any]:
-        missing = [k for k in ("num_objects", "shape", "color", "size", "position") if k not in example]
-        if missing:
-            raise ValueError(f"a reading-order caption is built from the scene's labels: the example has no "
-                             f"{missing} (list them in data.extra_fields)")
-        scene = shapes.Scene(labels_of(example), 0)
+        scene = shapes.Scene(labels_of(_require_labels(example, "a reading-order caption")), 0)
         return {**example, "target_text": shapes.reading_order_caption(scene)}
 
 

@@ -76,6 +76,9 @@ class VLMLossConfig:
     caption_targets: what caption turns answer: "dataset" (the example's caption, objects in a random
       order and phrasing) or "reading_order" (`shapes.reading_order_caption` of its labels: the count,
       then each object in reading order of its cell, "<cell> there is <size> <color> <shape>").
+    all_questions_of: question kinds of `shapes.QUESTION_KINDS` trained on every question of that kind a
+      scene answers (`ShapesToVLM.all_questions_of`; vqa_turns / vqa_packed): e.g. ("neighbour",),
+      3.4% of the stored training questions. Evaluation still asks the stored questions.
     tokenizer_field: the text field a dataset BPE ("bpe:<dataset>:<V>") is trained on; "caption"
       makes it the LM task's tokenizer, so an LM run's embeddings fit (init_from).
     """
@@ -97,6 +100,7 @@ class VLMLossConfig:
     eval_max_examples: int | None = None
     tokenizer_field: str = "caption"
     caption_targets: str = "dataset"
+    all_questions_of: tuple[str, ...] = ()
 
 
 class VLMTask(NextTokenTask):
@@ -159,12 +163,13 @@ class VLMTask(NextTokenTask):
                                      task=loss.sequence, system=loss.system, caption_prompt=loss.caption_prompt,
                                      prompt_template=loss.prompt_template, caption_rate=loss.caption_rate,
                                      answer_position=loss.answer_position, caption_targets=loss.caption_targets,
+                                     all_questions_of=loss.all_questions_of,
                                      extra_special_tokens=MULTICROP_TOKENS if m.multicrop_grid else ())
         # vqa_turns trains on every question of a scene at once; it is scored as it is used, one
         # question per prompt (single-question "vqa" sequences, the question drawn with eval_seed).
         # Captions of a mixed run are scored in sequences as long as training's.
         self.eval_transforms = {kind: dataclasses.replace(
-            self.transform, caption_rate=0.0, task=kind,
+            self.transform, caption_rate=0.0, task=kind, all_questions_of=(),
             max_len=loss.eval_max_len or loss.max_len if kind == self.eval_kinds[0] else loss.max_len)
             for kind in self.eval_kinds}
         self.eval_transform = self.eval_transforms[self.eval_kinds[0]]
@@ -175,8 +180,8 @@ class VLMTask(NextTokenTask):
         self.raw_fields = ("caption",) if loss.sequence == "caption" else ("questions", "answers")
         if loss.caption_rate:
             self.raw_fields += ("caption",)
-        if loss.caption_targets == "reading_order" and "caption" in self.raw_fields:   # built from the labels
-            self.raw_fields += tuple(f for f in LABEL_FIELDS if f not in self.raw_fields)
+        if (loss.caption_targets == "reading_order" and "caption" in self.raw_fields) or loss.all_questions_of:
+            self.raw_fields += tuple(f for f in LABEL_FIELDS if f not in self.raw_fields)   # built from the labels
         self.eval_fields = self.raw_fields + (LABEL_FIELDS if "caption" in self.eval_kinds else ())  # to score captions
 
     # ------------------------------------------------------------------ data
