@@ -19,9 +19,6 @@ from mmjax.models.lm import LMConfig
 from mmjax.tasks.lm import LMLossConfig, LMTask, unigram_reference
 from mmjax.train.optim import OptimConfig
 
-# One worker builds this module's trained-run fixtures once (the suite runs with --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("lm_task")
-
 TOKENIZER = "bpe:shapes:512"
 MAX_LEN = 48
 VOCAB = 512

@@ -19,9 +19,6 @@ from mmjax.models.lm import LMConfig
 from mmjax.tasks.pixel_ar import PixelARLossConfig, PixelARTask
 from mmjax.train.optim import OptimConfig
 
-# One worker builds this module's trained-run fixtures once (the suite runs with --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("pixel_ar")
-
 SIZE = 8  # 32-px scenes resized to 8×8: a 64-token raster
 
 

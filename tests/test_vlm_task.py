@@ -25,9 +25,6 @@ from mmjax.train.loop import create_sharded_state
 from mmjax.train.optim import OptimConfig, make_optimizer, param_paths
 from mmjax.train.step import jit_train_step, make_train_step
 
-# One worker builds this module's trained-run fixtures once (the suite runs with --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("vlm_task")
-
 IMAGE_ID = vlm_tokenizer("bytes").token_to_id("<image>")  # 259: bytes + bos/eos/pad, then <image>
 MAX_LEN = 72  # bos + 4 placeholders + the longest question in bytes + answer + eos
 

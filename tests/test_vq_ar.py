@@ -23,9 +23,6 @@ from mmjax.tasks.autoencoder import AutoencoderLossConfig
 from mmjax.tasks.vq_ar import ImageTextVocab, VQARLossConfig, VQARTask
 from mmjax.train.optim import OptimConfig
 
-# One worker builds this module's trained-run fixtures once (the suite runs with --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("vq_ar")
-
 SIZE = 8  # 8-px scenes, f = 2: a 4×4 code grid
 CODES = 16
 LC = 48  # caption slots (data.max_text_len)
