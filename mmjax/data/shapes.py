@@ -410,9 +410,10 @@ def reading_order_caption(scene: Scene) -> str:
         "two objects: at the top left there is a small red circle; in the middle right there is
          a large blue square"
 
-    A training target for captioners (Pix2Seq orders the objects of its target sequences too): the
-    cell comes first and the order is fixed, so describing an object is asking what is at a cell,
-    and no word depends on which object the caption happened to mention first."""
+    A training target for captioners: the cell comes first and the order is fixed, so describing an
+    object is asking what is at a cell, and no word depends on which object the caption happened to
+    mention first. (Pix2Seq, writing detections as tokens, compares object orders and keeps a random
+    one over a long COCO schedule; on `shapes` at CPU budgets the fixed order is what binds.)"""
     objs = sorted(scene.objects, key=lambda o: o.position)
     n = len(objs)
     clauses = [f"{position_phrases(o.position)[0]} there is a {SIZES[o.size]} {COLORS[o.color]} {SHAPES[o.shape]}"
