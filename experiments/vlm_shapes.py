@@ -36,7 +36,9 @@ Measured (issue 22, 2-core EPYC, 2026-12-07, 13.7 min for this run, 18.3 min wit
 LM runs): 98.2% exact match on test (colour 99.3, shape 98.5, size 98.6, count 97.7, position
 90.8, exists 98.2%), 94.1% on test_novel. Position ("what shape is directly to the right of the
 red circle?": two hops) has 65 of the 2,000 test questions; asked every neighbour question of the
-2,000 test scenes (1,072) the run answers 91.9% (left and right 85.4%). With the stored questions only
+2,000 test scenes (1,072; `python -m mmjax.evals.binding --workdir runs/vlm_shapes --scenes 2000
+--attention_scenes 0 --kinds neighbour_above,neighbour_below,neighbour_left,neighbour_right`) the run
+answers 91.9% (left and right 85.4%). With the stored questions only
 (`--config.loss.all_questions_of='()'`): 96.4%, position 83.1% (left and right 72%, above and
 below 95%; docs/vlm.md).
 """

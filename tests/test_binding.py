@@ -26,6 +26,19 @@ def test_binding_questions_by_hand():
     ]
 
 
+
+def test_neighbour_questions_by_hand_one_kind_per_direction():
+    # A red circle at the top left, a blue star right of it, a green square at the bottom right: the
+    # one neighbour question the grammar asks is "left of the star" (every other direction from an
+    # object holds two objects, or none in the neighbouring cell).
+    circle, star, square = (shapes.SHAPES.index(n) for n in ("circle", "star", "square"))
+    red, blue, green = (shapes.COLORS.index(n) for n in ("red", "blue", "green"))
+    the_star = shapes.ShapeObject(star, blue, 1, 1)
+    scene = shapes.Scene((shapes.ShapeObject(circle, red, 0, 0), the_star, shapes.ShapeObject(square, green, 1, 8)), 0)
+    got = [q for q in binding.binding_questions(scene) if q[0].startswith("neighbour")]
+    assert got == [("neighbour_left", "what shape is directly to the left of the blue star?", "circle", the_star)]
+    assert set(binding.KINDS) >= {"neighbour_above", "neighbour_below", "neighbour_left", "neighbour_right"}
+
 def test_recorded_weights_reproduce_the_attention_output():
     rng = np.random.default_rng(0)
     q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)

@@ -2,8 +2,10 @@
 
 `binding_accuracy`: every object of a scene asked about by its cell ("what shape is at the top
 left?", "what color is the shape at the top left?") and, when its shape is unique, by its shape
-("what color is the circle?"), scored by exact match per kind and per number of objects k. A model
-that reads the scene as a bag of attributes is right with one object and near 1/k with k.
+("what color is the circle?"), and every neighbour question the scene answers ("what shape is
+directly to the right of the red circle?", `shapes.questions_for`'s kind "neighbour"), one kind per
+direction; scored by exact match per kind and per number of objects k. A model that reads the
+scene as a bag of attributes is right with one object and near 1/k with k.
 
 `attention_dependence`: the attention of the query that predicts the answer (the prompt's last
 token) over the image tokens, per LM layer and head, for questions about the different cells of one
@@ -15,6 +17,7 @@ scene: the total-variation distance between those distributions, averaged over p
 `answer_position`, layer 0 is 0 by construction: its query is the same token at the same position.)
 
     python -m mmjax.evals.binding --workdir runs/vlm_shapes [--scenes 150] [--split test]
+        [--kinds neighbour_above,neighbour_below,...] [--attention_scenes 0 (skip)]
 
 Weights are read by `record_attention`, which swaps `mmjax.ops.attention` for a version that also
 hands the softmax weights to the host: a diagnostic hook, never used in training.
@@ -36,12 +39,15 @@ from mmjax import ops
 from mmjax.data import shapes
 from mmjax.ops.mask import mask_array
 
-KINDS = ("shape_at", "color_at", "color_of")
+# The neighbour question of each direction, by its words in shapes.questions_for.
+NEIGHBOUR_KINDS = {words[1]: f"neighbour_{rel}" for rel, words in shapes._RELATION_WORDS.items()}
+KINDS = ("shape_at", "color_at", "color_of") + tuple(NEIGHBOUR_KINDS.values())
 
 
 def binding_questions(scene: shapes.Scene) -> list[tuple[str, str, str, shapes.ShapeObject]]:
     """(kind, question, answer, object) for every object of `scene`: its shape and colour asked by
-    its cell, and its colour by its shape when no other object has that shape."""
+    its cell, and its colour by its shape when no other object has that shape; then every neighbour
+    question of the scene, kind "neighbour_<direction>", object = the one the question names."""
     out = []
     for obj in scene.objects:
         cell = shapes.position_phrases(obj.position)[0]
@@ -49,6 +55,13 @@ def binding_questions(scene: shapes.Scene) -> list[tuple[str, str, str, shapes.S
         out.append(("color_at", f"what color is the shape {cell}?", shapes.COLORS[obj.color], obj))
         if sum(o.shape == obj.shape for o in scene.objects) == 1:
             out.append(("color_of", f"what color is the {shapes.SHAPES[obj.shape]}?", shapes.COLORS[obj.color], obj))
+    # the neighbour questions do not depend on the rng (only the other kinds' draws do)
+    for question, answer in shapes.questions_for(scene, np.random.default_rng(0), max_questions=1 << 30):
+        if shapes.question_kind(question) == "neighbour":
+            words = next(w for w in NEIGHBOUR_KINDS if question.startswith(f"what shape is {w} the "))
+            color, shape = question[len(f"what shape is {words} the "):-1].split()
+            ref = next(o for o in scene.objects if (shapes.COLORS[o.color], shapes.SHAPES[o.shape]) == (color, shape))
+            out.append((NEIGHBOUR_KINDS[words], question, answer, ref))
     return out
 
 
@@ -90,16 +103,21 @@ def _scenes(split: str, count: int):
         yield shapes.scene_from_example(ex), np.asarray(ex["image"], np.float32) / 255.0
 
 
-def binding_accuracy(task, params, *, split: str = "test", scenes: int = 150, batch_size: int = 64) -> dict:
-    """Greedy exact match on `binding_questions` of the first `scenes` scenes of `split`:
-    {"<kind>/objects_<k>": accuracy, "<kind>/examples_<k>": count} for each kind and object count."""
+def binding_accuracy(task, params, *, split: str = "test", scenes: int = 150, batch_size: int = 64,
+                     kinds: tuple[str, ...] = KINDS) -> dict:
+    """Greedy exact match on the `binding_questions` of `kinds` of the first `scenes` scenes of
+    `split`: {"<kind>/objects_<k>": accuracy, "<kind>/examples_<k>": count} for each kind and object
+    count, and "<kind>/all", "<kind>/examples" over every count."""
     from mmjax.tasks.vlm import ask_prompt, image_for
     _check_task(task)
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"kinds must be some of {KINDS}, got {kinds}")
     rows = []  # (kind, k, image, prompt ids, answer)
     for scene, image in _scenes(split, scenes):
         pixels = image_for(task, image)[0]
         for kind, question, answer, _ in binding_questions(scene):
-            rows.append((kind, len(scene.objects), pixels, ask_prompt(task, question)[0], answer))
+            if kind in kinds:
+                rows.append((kind, len(scene.objects), pixels, ask_prompt(task, question)[0], answer))
     hits = collections.defaultdict(list)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -113,6 +131,9 @@ def binding_accuracy(task, params, *, split: str = "test", scenes: int = 150, ba
     out = {}
     for (kind, k), h in sorted(hits.items()):
         out[f"{kind}/objects_{k}"], out[f"{kind}/examples_{k}"] = float(np.mean(h)), len(h)
+    for kind in {kind for kind, _ in hits}:
+        h = [x for (kk, _), v in hits.items() if kk == kind for x in v]
+        out[f"{kind}/all"], out[f"{kind}/examples"] = float(np.mean(h)), len(h)
     return out
 
 
@@ -150,18 +171,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="a `mmjax train` run of task 'vlm' on shapes")
     p.add_argument("--split", default="test")
     p.add_argument("--scenes", type=int, default=150, help="scenes asked about (binding accuracy)")
-    p.add_argument("--attention_scenes", type=int, default=30, help="scenes for the attention measurement")
+    p.add_argument("--attention_scenes", type=int, default=30,
+                   help="scenes for the attention measurement (0: skip it)")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help=f"question kinds asked, comma-separated ({', '.join(KINDS)})")
     args = p.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds: some of {', '.join(KINDS)}, got {args.kinds!r}")
     from mmjax.experiment import load_run
     from mmjax.tasks.vlm import VLMTask
     cfg, step, params = load_run(args.workdir)
     task = VLMTask(cfg)
-    acc = binding_accuracy(task, params, split=args.split, scenes=args.scenes)
+    acc = binding_accuracy(task, params, split=args.split, scenes=args.scenes, kinds=kinds)
     print(f"{args.workdir} step {step}, {args.split}: accuracy by number of objects in the scene")
-    for kind in KINDS:
-        cells = [f"{k} obj {100 * acc[f'{kind}/objects_{k}']:.0f}% (n={acc[f'{kind}/examples_{k}']})"
+    for kind in kinds:
+        if f"{kind}/all" not in acc:
+            print(f"  {kind:15s} no such question in these scenes")
+            continue
+        cells = [f"{k} obj {100 * acc[f'{kind}/objects_{k}']:.1f}% (n={acc[f'{kind}/examples_{k}']})"
                  for k in range(1, shapes.MAX_OBJECTS + 1) if f"{kind}/objects_{k}" in acc]
-        print(f"  {kind:9s} " + ", ".join(cells))
+        print(f"  {kind:15s} all {100 * acc[f'{kind}/all']:.1f}% (n={acc[f'{kind}/examples']}); " + ", ".join(cells))
+    if args.attention_scenes == 0:
+        return 0
     tv = attention_dependence(task, params, split=args.split, scenes=args.attention_scenes)
     print("answer query's image attention, TV distance between questions about different cells [layer × head]:")
     for layer, row in enumerate(tv):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from mmjax import ops
 from mmjax.layers.linear import DenseGeneral
 from mmjax.layers.norms import Norm
-from mmjax.layers.posemb import apply_rope
+from mmjax.layers.posemb import apply_rope, rope_frequencies, rotate_half
 from mmjax.ops import AttentionMask, OpsPolicy
 from mmjax.ops.xla import grouped_attention
 from mmjax.sharding import constrain
@@ -210,14 +210,9 @@ def apply_mrope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> j
         raise ValueError(f"M-RoPE needs a head dim divisible by 4, got {dh}")
     if positions.shape[-1] != 2:
         raise ValueError(f"M-RoPE positions must be [B, S, 2] (row, col), got {positions.shape}")
-    inv_freq = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))            # [Dh/2]
     axis = jnp.arange(dh // 2) % 2                                                         # 0: row, 1: col
     p = jnp.take(positions.astype(jnp.float32), axis, axis=-1)                            # [B, S, Dh/2]
-    angles = p * inv_freq
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rotate_half(x, p * rope_frequencies(dh, base))
 
 
 __all__ = ["CACHE_AXES", "Attention", "apply_mrope", "apply_rope_2d", "grouped_attention", "update_kv_cache"]

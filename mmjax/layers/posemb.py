@@ -62,11 +62,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
     dh = x.shape[-1]
     if dh % 2:
         raise ValueError(f"RoPE needs an even head dim, got {dh}")
-    inv_freq = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, Dh/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return rotate_half(x, positions.astype(jnp.float32)[..., None] * rope_frequencies(dh, base))
+
+
+def rope_frequencies(dh: int, base: float) -> jax.Array:
+    """θ_i = base^(−2i/Dh), i < Dh/2: the rate of RoPE's pair (x_i, x_{i + Dh/2})."""
+    return 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+
+
+def rotate_half(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """x [B, S, H, Dh] with each pair (x_i, x_{i + Dh/2}) turned by angles [B, S, Dh/2] (fp32 inside)."""
+    dh = x.shape[-1]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -51,7 +51,6 @@ from mmjax.objectives.lm import lm_cross_entropy, next_token_targets
 from mmjax.tasks.lm import NextTokenTask
 
 DIRECTIONS = ("caption_to_image", "image_to_caption")
-CAPTION_TARGETS = ("dataset", "reading_order")
 PROBE_ATTRIBUTES = ("color", "shape", "size", "position", "count", "all")  # captions never name the background
 
 
@@ -220,6 +219,7 @@ class VQARTask(NextTokenTask):
             raise ConfigError("loss.image_prefix makes the image block of image → caption sequences attend both "
                               "ways: it needs 'image_to_caption' in loss.directions and loss.all_tokens=False "
                               "(codes that see the codes after them cannot also be their targets)")
+        from mmjax.data.vlm import CAPTION_TARGETS, ReadingOrderTarget
         if loss.caption_targets not in CAPTION_TARGETS:
             raise ConfigError(f"loss.caption_targets={loss.caption_targets!r} must be one of {CAPTION_TARGETS}")
         if loss.caption_targets == "reading_order":
@@ -229,7 +229,6 @@ class VQARTask(NextTokenTask):
                 raise ConfigError("loss.caption_targets='reading_order' writes the captions of image → caption from "
                                   "a shapes scene's labels: it needs 'image_to_caption' in loss.directions, "
                                   f"data.name='shapes' and the label fields in data.extra_fields (missing {missing})")
-            from mmjax.data.vlm import ReadingOrderTarget
             self.example_transform = ReadingOrderTarget()
         elif self.class_field is not None:
             self.example_transform = _FieldAsInt32(self.class_field)
