@@ -35,12 +35,12 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
 
 import pytest  # noqa: E402  (after the environment above)
 
-# The modules that take longest (summed test times of a full run, 2026-12-07: notebooks 360-390 s,
-# vq_ar 175-215 s, the rest 110-135 s and below), longest first. One xdist worker runs a module
-# whole (--dist loadscope) and, with --no-loadscope-reorder, in this order: the long units start
-# first and the two workers finish together, instead of one running the notebooks alone at the end
-# (xdist's own order is by test count, which put the 10 notebook tests last). Unlisted modules
-# follow in collection order.
+# The modules that take longest (summed test times of full runs, 2026-12-07: the notebooks 330 s,
+# vq_ar 175-215 s, the next four 70-137 s; docs/testing.md), longest first. One xdist worker runs
+# a module whole (--dist loadscope) and, with --no-loadscope-reorder, in this order: the long units
+# start first and the two workers finish together, instead of one running the notebooks alone at
+# the end (xdist's own order is by test count, which put the 10 notebook tests last). Unlisted
+# modules follow in collection order.
 SLOWEST_MODULES = ("test_colabs.py", "test_vq_ar.py", "test_vlm_task.py", "test_tokenizer_task.py",
                    "test_train.py", "test_contrastive_task.py", "test_ops_cpu.py", "test_ops.py")
 
