@@ -26,7 +26,6 @@ def test_binding_questions_by_hand():
     ]
 
 
-
 def test_neighbour_questions_by_hand_one_kind_per_direction():
     # A red circle at the top left, a blue star right of it, a green square at the bottom right: the
     # one neighbour question the grammar asks is "left of the star" (every other direction from an
@@ -38,6 +37,7 @@ def test_neighbour_questions_by_hand_one_kind_per_direction():
     got = [q for q in binding.binding_questions(scene) if q[0].startswith("neighbour")]
     assert got == [("neighbour_left", "what shape is directly to the left of the blue star?", "circle", the_star)]
     assert set(binding.KINDS) >= {"neighbour_above", "neighbour_below", "neighbour_left", "neighbour_right"}
+
 
 def test_recorded_weights_reproduce_the_attention_output():
     rng = np.random.default_rng(0)

@@ -317,6 +317,23 @@ def _strictly_in_direction(position: int, reference: int, name: str) -> bool:
     return {"above": r < r0, "below": r > r0, "left": c < c0, "right": c > c0}[name]
 
 
+RELATIONS = tuple(_RELATION_STEPS)  # "above", "below", "left", "right"
+
+
+def neighbour_questions(scene: Scene, obj: ShapeObject) -> list[tuple[str, str, str]]:
+    """(relation, question, answer) for each direction in which exactly one object of `scene` lies
+    at all and that object is in the neighbouring cell: "what shape is directly below the red
+    circle?" -> its shape. The answer is the same under the loose reading ("anywhere below") and the
+    strict one. `obj` is named by colour and shape: the caller asks only when that pair is unique."""
+    out = []
+    for rel, words in _RELATION_WORDS.items():
+        loose = [o for o in scene.objects if _strictly_in_direction(o.position, obj.position, rel)]
+        if len(loose) == 1 and relation(loose[0].position, obj.position) == rel:
+            out.append((rel, f"what shape is {words[1]} the {COLORS[obj.color]} {SHAPES[obj.shape]}?",
+                        SHAPES[loose[0].shape]))
+    return out
+
+
 def position_phrases(position: int) -> tuple[str, ...]:
     """Ways a caption may name a cell absolutely.
 
@@ -459,12 +476,8 @@ def questions_for(scene: Scene, rng: np.random.Generator, *, max_questions: int 
             add("color_of", f"what color is the {shape_name}?", COLORS[obj.color])
         if sum((o.shape, o.color) == (obj.shape, obj.color) for o in objs) == 1:  # "the red circle"
             add("size_of", f"what size is the {pair_name}?", SIZES[obj.size])
-            for rel, words in _RELATION_WORDS.items():
-                # Ask only when the answer is the same under the loose reading ("anywhere below")
-                # and the strict one (the neighbouring cell).
-                loose = [o for o in objs if _strictly_in_direction(o.position, obj.position, rel)]
-                if len(loose) == 1 and relation(loose[0].position, obj.position) == rel:
-                    add("neighbour", f"what shape is {words[1]} the {pair_name}?", SHAPES[loose[0].shape])
+            for _, question, answer in neighbour_questions(scene, obj):
+                add("neighbour", question, answer)
     present = sorted({(o.color, o.shape) for o in objs})
     c, s = _choice(rng, present)
     add("exists", f"is there {_article(COLORS[c])} {COLORS[c]} {SHAPES[s]}?", "yes")

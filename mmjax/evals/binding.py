@@ -39,9 +39,7 @@ from mmjax import ops
 from mmjax.data import shapes
 from mmjax.ops.mask import mask_array
 
-# The neighbour question of each direction, by its words in shapes.questions_for.
-NEIGHBOUR_KINDS = {words[1]: f"neighbour_{rel}" for rel, words in shapes._RELATION_WORDS.items()}
-KINDS = ("shape_at", "color_at", "color_of") + tuple(NEIGHBOUR_KINDS.values())
+KINDS = ("shape_at", "color_at", "color_of") + tuple(f"neighbour_{rel}" for rel in shapes.RELATIONS)
 
 
 def binding_questions(scene: shapes.Scene) -> list[tuple[str, str, str, shapes.ShapeObject]]:
@@ -55,13 +53,10 @@ def binding_questions(scene: shapes.Scene) -> list[tuple[str, str, str, shapes.S
         out.append(("color_at", f"what color is the shape {cell}?", shapes.COLORS[obj.color], obj))
         if sum(o.shape == obj.shape for o in scene.objects) == 1:
             out.append(("color_of", f"what color is the {shapes.SHAPES[obj.shape]}?", shapes.COLORS[obj.color], obj))
-    # the neighbour questions do not depend on the rng (only the other kinds' draws do)
-    for question, answer in shapes.questions_for(scene, np.random.default_rng(0), max_questions=1 << 30):
-        if shapes.question_kind(question) == "neighbour":
-            words = next(w for w in NEIGHBOUR_KINDS if question.startswith(f"what shape is {w} the "))
-            color, shape = question[len(f"what shape is {words} the "):-1].split()
-            ref = next(o for o in scene.objects if (shapes.COLORS[o.color], shapes.SHAPES[o.shape]) == (color, shape))
-            out.append((NEIGHBOUR_KINDS[words], question, answer, ref))
+    for obj in scene.objects:  # as shapes.questions_for asks them: about objects their pair names
+        if sum((o.shape, o.color) == (obj.shape, obj.color) for o in scene.objects) == 1:
+            for rel, question, answer in shapes.neighbour_questions(scene, obj):
+                out.append((f"neighbour_{rel}", question, answer, obj))
     return out
 
 
